@@ -1,0 +1,3 @@
+from fedft.cli import main
+
+raise SystemExit(main())

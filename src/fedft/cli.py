@@ -1,0 +1,177 @@
+"""`fedft` command line: run, methods, config, report.
+
+Bad input (a `FedftError`) prints one line and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedft.errors import FedftError
+
+EXIT_BAD_INPUT = 2
+
+
+class TqdmProgress:
+    """A bar over client updates, with the round and last accuracy beside it."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def start(self, total_rounds: int, first_round: int, clients_per_round: int) -> None:
+        from tqdm import tqdm
+
+        total = (total_rounds - first_round + 1) * clients_per_round
+        self.bar = tqdm(total=total, unit="update", desc=f"round {first_round}/{total_rounds}", dynamic_ncols=True)
+        self.total_rounds = total_rounds
+
+    def client_done(self, reply) -> None:
+        if self.bar is not None and reply.kind == "train":
+            self.bar.update(1)
+
+    def round_done(self, line: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        post = {"MB": f"{line['total_mb']:.1f}"}
+        if line.get("test_accuracy") is not None:
+            post["acc"] = f"{100 * line['test_accuracy']:.1f}%"
+        if line["failed"]:
+            post["failed"] = len(line["failed"])
+        self.bar.set_postfix(post)
+        self.bar.set_description(f"round {min(line['round'] + 1, self.total_rounds)}/{self.total_rounds}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedft.config import build_config, config_to_yaml, validate_config
+    from fedft.federation.engine import build_task, run_federation
+    from fedft.metrics import rundir
+    from fedft.metrics.report import format_summary
+
+    shortcuts = {}
+    if args.data:
+        shortcuts["data.source"] = args.data
+    if args.model:
+        shortcuts["model.name"] = args.model
+    if args.method:
+        shortcuts["method.name"] = args.method
+    if args.name:
+        shortcuts["name"] = args.name
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / rundir.CONFIG
+        if not saved.is_file():
+            raise FedftError(f"--resume {run_dir}: no {rundir.CONFIG} there; give the folder of an earlier run")
+        if args.config:
+            raise FedftError("--resume takes its config from the run folder; drop --config (use --set federation.rounds=N to extend it)")
+        cfg = build_config(saved, args.set)
+        import yaml
+
+        before = yaml.safe_load(saved.read_text())
+        after = cfg.model_dump(mode="json")
+        before.get("federation", {}).pop("rounds", None)
+        after.get("federation", {}).pop("rounds", None)
+        if validate_config(before).model_dump(mode="json") != after:
+            raise FedftError("--resume: only federation.rounds may change on resume; start a new run for other changes")
+        task = build_task(cfg)
+        rundir.load_checkpoint(run_dir)  # fails clearly before anything is touched
+        (run_dir / rundir.CONFIG).write_text(config_to_yaml(cfg))
+    else:
+        cfg = build_config(args.config, args.set, base=shortcuts)
+        task = build_task(cfg)  # every input check happens here, before any file is written
+        name = rundir.default_run_name(cfg.method.name, cfg.data.source)
+        run_dir = rundir.choose_run_dir(cfg.output_dir, cfg.name, name, args.overwrite)
+        rundir.start_run_dir(run_dir, config_to_yaml(cfg), args.overwrite)
+
+    print(
+        f"fedft: {cfg.method.name} on {cfg.model.name}, data {cfg.data.source} "
+        f"({len(task.data.train)} train / {len(task.data.test)} test rows, {task.data.num_labels} classes), "
+        f"{cfg.federation.clients} clients, {cfg.federation.rounds} rounds, device {task.device}; "
+        f"{task.trainable_params:,} trainable parameters -> {run_dir}",
+        flush=True,
+    )
+    summary = run_federation(task, run_dir, resume=bool(args.resume), progress=None if args.quiet else TqdmProgress())
+    print(format_summary(summary))
+    chance = 1 / task.data.num_labels
+    print(f"chance level: {100 * chance:.1f}%   run folder: {run_dir}")
+    return 0
+
+
+def _methods(_: argparse.Namespace) -> int:
+    from fedft.methods import available_methods, get_method
+
+    names = available_methods()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name.ljust(width)}  {get_method(name).summary}")
+    return 0
+
+
+def _config(_: argparse.Namespace) -> int:
+    from fedft.config import describe_fields
+
+    print(describe_fields())
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedft.metrics import rundir
+    from fedft.metrics.report import format_summary
+
+    path = Path(args.run_dir) / rundir.SUMMARY
+    if not path.is_file():
+        raise FedftError(f"{args.run_dir} has no {rundir.SUMMARY}; the run has not finished (resume it with fedft run --resume)")
+    print(format_summary(json.loads(path.read_text())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedft", description="Federated fine-tuning of pretrained models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated fine-tuning job")
+    run.add_argument("--config", help="YAML config file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. --set method.name=bias")
+    run.add_argument("--data", help="shortcut for --set data.source=...")
+    run.add_argument("--model", help="shortcut for --set model.name=...")
+    run.add_argument("--method", help="shortcut for --set method.name=...")
+    run.add_argument("--name", help="run folder name under output_dir")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
+
+    sub.add_parser("methods", help="list the registered methods").set_defaults(func=_methods)
+    sub.add_parser("config", help="print every config field with its default and help").set_defaults(func=_config)
+    report = sub.add_parser("report", help="print the summary table of a finished run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="fedft: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedftError as exc:
+        print(f"fedft: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fedft: interrupted; the last checkpoint is intact (continue with fedft run --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

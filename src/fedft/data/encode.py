@@ -1,0 +1,60 @@
+"""Turn rows into model-ready tensors once, up front, so that a batch is an index lookup."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedft.errors import DataError
+from fedft.models.backbone import Preprocess
+
+
+@dataclass
+class TensorData:
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        out = {k: v[idx] for k, v in self.features.items()}
+        out["labels"] = self.labels[idx]
+        return out
+
+
+def encode(ds: datasets.Dataset, pre: Preprocess, pixel_scale: float | None = None) -> TensorData:
+    labels = torch.tensor(ds["label"], dtype=torch.long)
+    if pre.kind == "text":
+        enc = pre.tokenizer(
+            list(ds["text"]),
+            padding="max_length",
+            truncation=True,
+            max_length=pre.max_length,
+            return_tensors="pt",
+        )
+        return TensorData({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, labels)
+    return TensorData({"pixel_values": _pixels(ds, pre, pixel_scale)}, labels)
+
+
+def pixel_scale_of(ds: datasets.Dataset) -> float:
+    return float(max(1.0, np.asarray(ds["pixels"], dtype=np.float32).max()))
+
+
+def _pixels(ds: datasets.Dataset, pre: Preprocess, scale: float | None) -> torch.Tensor:
+    flat = torch.tensor(np.asarray(ds["pixels"], dtype=np.float32))
+    side = int(math.isqrt(flat.shape[1]))
+    if side * side != flat.shape[1]:
+        raise DataError(f"image rows have {flat.shape[1]} pixel columns, which is not a square image")
+    images = (flat / (scale or max(1.0, float(flat.max())))).view(-1, 1, side, side)
+    if pre.image_size != side:
+        images = F.interpolate(images, size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False)
+    if pre.channels != 1:
+        images = images.expand(-1, pre.channels, -1, -1).contiguous()
+    return (images - 0.5) / 0.5

@@ -1,0 +1,1 @@
+"""Federation: payloads, the grid that carries them, the local engine, aggregation, sampling."""

@@ -1,0 +1,85 @@
+"""The client side of the message interface: a context per request, and the runtime that routes a
+request to the method's handler for its kind.
+
+The runtime is engine-free: the local engine calls it in-process; the Flower adapter calls it from
+inside a ClientApp. Per-client state (whatever a method keeps between rounds) lives in
+`ClientContext.state`, which the engine keeps for the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fedft.config import RunConfig
+from fedft.data import FederatedData
+from fedft.data.partition import ClientSplit
+from fedft.federation.payload import Message, Payload
+from fedft.federation.training import derived_seed
+from fedft.models.backbone import TaskModel
+
+if TYPE_CHECKING:
+    from fedft.methods.base import Method
+
+
+@dataclass
+class ClientContext:
+    client: int
+    round: int
+    model: TaskModel
+    data: FederatedData
+    split: ClientSplit
+    cfg: RunConfig
+    device: torch.device
+    trainable: list[str]
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return derived_seed(self.cfg.seed, self.round, self.client)
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return self.split.train
+
+    @property
+    def test_rows(self) -> np.ndarray:
+        return self.split.test
+
+
+Handler = Callable[[ClientContext, Payload], Payload]
+
+
+class ClientRuntime:
+    """One process's clients: the shared model, the data, and each client's lasting state."""
+
+    def __init__(self, method: Method, model: TaskModel, data: FederatedData, cfg: RunConfig, device: torch.device):
+        self.method = method
+        self.model = model
+        self.data = data
+        self.cfg = cfg
+        self.device = device
+        self.trainable = method.trainable_names
+        self.states: dict[int, dict[str, Any]] = {}
+        self.handlers = method.client_handlers()
+
+    def handle(self, message: Message) -> Payload:
+        handler = self.handlers.get(message.kind)
+        if handler is None:
+            raise ValueError(f"method '{self.method.name}' has no client handler for '{message.kind}'")
+        ctx = ClientContext(
+            client=message.client,
+            round=message.round,
+            model=self.model,
+            data=self.data,
+            split=self.data.clients[message.client],
+            cfg=self.cfg,
+            device=self.device,
+            trainable=self.trainable,
+            state=self.states.setdefault(message.client, {}),
+        )
+        return handler(ctx, message.payload)

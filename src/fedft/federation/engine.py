@@ -1,0 +1,254 @@
+"""The local engine: build a task from a config, run its rounds, measure and record each one.
+
+Everything that can be wrong with the input is found in `build_task`, before any file is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedft.config import RunConfig
+from fedft.data import FederatedData, build_federated_data, load_raw
+from fedft.federation.client import ClientRuntime
+from fedft.federation.grid import Grid, LocalGrid
+from fedft.federation.payload import Message, Payload, Reply
+from fedft.federation.sampling import clients_per_round, sample_clients
+from fedft.federation.server import Server
+from fedft.federation.training import evaluate, read_state, write_state
+from fedft.methods import Method, get_method
+from fedft.metrics import rundir
+from fedft.metrics.plots import plot_accuracy
+from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+
+MB = 1_000_000
+
+
+@dataclass
+class Task:
+    cfg: RunConfig
+    data: FederatedData
+    model: TaskModel
+    method: Method
+    device: torch.device
+
+    @property
+    def trainable_params(self) -> int:
+        params = dict(self.model.named_parameters())
+        return sum(params[n].numel() for n in self.method.trainable_names)
+
+    @property
+    def trainable_bytes(self) -> int:
+        params = dict(self.model.named_parameters())
+        return sum(params[n].numel() * params[n].element_size() for n in self.method.trainable_names)
+
+
+def build_task(cfg: RunConfig) -> Task:
+    raw = load_raw(cfg.data, cfg.seed)
+    model = load_task_model(cfg.model.name, raw.num_labels, cfg.model.max_length, cfg.seed)
+    data = build_federated_data(cfg, raw, model.preprocess)
+    method = get_method(cfg.method.name)(cfg.method_options())
+    method.prepare(model)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    return Task(cfg, data, model, method, device)
+
+
+class Progress(Protocol):
+    def start(self, total_rounds: int, first_round: int, clients_per_round: int) -> None: ...
+    def client_done(self, reply: Reply) -> None: ...
+    def round_done(self, line: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Totals:
+    bytes: int = 0
+    elapsed_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_cuda_bytes: int = 0
+    failures: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_history(cls, history: list[dict[str, Any]]) -> Totals:
+        totals = cls(history=list(history))
+        if history:
+            last = history[-1]
+            totals.bytes = last["total_bytes"]
+            totals.elapsed_seconds = last["elapsed_seconds"]
+            totals.peak_rss_bytes = int(max(m["client_peak_rss_mb"] for m in history) * MB)
+            totals.peak_cuda_bytes = int(max(m["client_peak_cuda_mb"] for m in history) * MB)
+            totals.failures = sum(len(m["failed"]) for m in history)
+        return totals
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def round_line(
+    round_number: int,
+    replies: list[Reply],
+    outcome_metrics: dict[str, Any],
+    totals: Totals,
+    trainable_params: int,
+) -> dict[str, Any]:
+    ok = [r for r in replies if r.ok]
+    round_bytes = sum(r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_down + r.cost.scalar_bytes_up for r in replies)
+    totals.bytes += round_bytes
+    peak_rss = max((r.cost.peak_rss_bytes for r in replies), default=0)
+    peak_cuda = max((r.cost.peak_cuda_bytes for r in replies), default=0)
+    totals.peak_rss_bytes = max(totals.peak_rss_bytes, peak_rss)
+    totals.peak_cuda_bytes = max(totals.peak_cuda_bytes, peak_cuda)
+    failed = [{"client": r.client, "error": r.error} for r in replies if not r.ok]
+    totals.failures += len(failed)
+    return {
+        "round": round_number,
+        "clients": [r.client for r in replies],
+        "failed": failed,
+        **outcome_metrics,
+        "test_loss": None,
+        "test_accuracy": None,
+        "bytes_down": sum(r.cost.bytes_down for r in replies),
+        "bytes_up": sum(r.cost.bytes_up for r in replies),
+        "bytes_down_per_client": _mean([r.cost.bytes_down for r in ok]),
+        "bytes_up_per_client": _mean([r.cost.bytes_up for r in ok]),
+        "scalar_bytes": sum(r.cost.scalar_bytes_down + r.cost.scalar_bytes_up for r in replies),
+        "round_bytes": round_bytes,
+        "total_bytes": totals.bytes,
+        "total_mb": totals.bytes / MB,
+        "trainable_params": trainable_params,
+        "client_seconds_mean": _mean([r.cost.seconds for r in replies]),
+        "client_seconds_max": max((r.cost.seconds for r in replies), default=0.0),
+        "client_peak_rss_mb": peak_rss / MB,
+        "client_peak_cuda_mb": peak_cuda / MB,
+        "per_client": [
+            {
+                "client": r.client,
+                "bytes_down": r.cost.bytes_down,
+                "bytes_up": r.cost.bytes_up,
+                "seconds": round(r.cost.seconds, 4),
+                "peak_rss_mb": round(r.cost.peak_rss_bytes / MB, 1),
+                "num_examples": (r.payload.scalars.get("num_examples") if r.payload else None),
+                "error": r.error,
+            }
+            for r in replies
+        ],
+    }
+
+
+def evaluate_global(task: Task, server: Server) -> dict[str, float]:
+    write_state(task.model, server.model_state())
+    stats = evaluate(task.model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
+    return {"test_loss": stats.loss, "test_accuracy": stats.accuracy}
+
+
+def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) -> dict[str, Any]:
+    """Each client scores the final global model on its local test rows (non-IID shows here)."""
+    state = server.model_state()
+    clients = [c for c in range(task.cfg.federation.clients) if len(task.data.clients[c].test) > 0]
+    replies = grid.exchange([Message(c, "evaluate", Payload(dict(state)), round_number) for c in clients])
+    ok = [r for r in replies if r.ok]
+    if not ok:
+        return {}
+    accs = [float(r.payload.scalars["accuracy"]) for r in ok]
+    weights = [float(r.payload.scalars["num_examples"]) for r in ok]
+    return {
+        "clients": len(ok),
+        "weighted_accuracy": sum(a * w for a, w in zip(accs, weights, strict=True)) / sum(weights),
+        "min_accuracy": min(accs),
+        "max_accuracy": max(accs),
+        "bytes": sum(r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_up + r.cost.scalar_bytes_down for r in replies),
+    }
+
+
+def make_summary(task: Task, run_dir: Path, totals: Totals, client_eval: dict[str, Any]) -> dict[str, Any]:
+    history = totals.history
+    evals = [m for m in history if m.get("test_accuracy") is not None]
+    best = max(evals, key=lambda m: m["test_accuracy"]) if evals else None
+    final = evals[-1] if evals else None
+    return {
+        "name": run_dir.name,
+        "method": task.cfg.method.name,
+        "model": task.cfg.model.name,
+        "data": task.cfg.data.source,
+        "device": str(task.device),
+        "clients": task.cfg.federation.clients,
+        "rounds_completed": history[-1]["round"] if history else 0,
+        "final_accuracy": final["test_accuracy"] if final else None,
+        "final_loss": final["test_loss"] if final else None,
+        "best_accuracy": best["test_accuracy"] if best else None,
+        "best_round": best["round"] if best else None,
+        "trainable_params": task.trainable_params,
+        "trainable_bytes": task.trainable_bytes,
+        "bytes_up_per_client_per_round": _mean([m["bytes_up_per_client"] for m in history]),
+        "bytes_down_per_client_per_round": _mean([m["bytes_down_per_client"] for m in history]),
+        "total_bytes": totals.bytes,
+        "total_mb": totals.bytes / MB,
+        "client_peak_rss_mb": totals.peak_rss_bytes / MB,
+        "client_peak_cuda_mb": totals.peak_cuda_bytes / MB,
+        "seconds": totals.elapsed_seconds,
+        "seconds_per_round": totals.elapsed_seconds / len(history) if history else 0.0,
+        "client_seconds_per_round": _mean([m["client_seconds_mean"] for m in history]),
+        "failed_client_updates": totals.failures,
+        "client_eval": client_eval,
+    }
+
+
+def run_federation(task: Task, run_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Run (or continue) the rounds; writes metrics, checkpoint, summary and plot into `run_dir`."""
+    cfg = task.cfg
+    server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
+    first_round, history = 1, []
+    if resume:
+        tensors, meta = rundir.load_checkpoint(run_dir)
+        server.load_state_dict(tensors, meta["server"])
+        first_round = int(meta["round"]) + 1
+        history = rundir.truncate_metrics(run_dir, int(meta["round"]))
+    totals = Totals.from_history(history)
+    runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+    grid = LocalGrid(runtime, task.device, on_reply=progress.client_done if progress else None)
+    rounds = cfg.federation.rounds
+    if progress:
+        progress.start(rounds, first_round, clients_per_round(cfg.federation))
+    try:
+        for round_number in range(first_round, rounds + 1):
+            started = time.perf_counter()
+            clients = sample_clients(cfg.federation, cfg.seed, round_number)
+            outcome = server.run_round(round_number, grid, clients)
+            round_seconds = time.perf_counter() - started
+            line = round_line(round_number, outcome.replies, outcome.metrics, totals, task.trainable_params)
+            line["server_seconds"] = max(0.0, round_seconds - sum(r.cost.seconds for r in outcome.replies))
+            eval_seconds = 0.0
+            if round_number % cfg.federation.eval_every == 0 or round_number == rounds:
+                eval_start = time.perf_counter()
+                line.update(evaluate_global(task, server))
+                eval_seconds = time.perf_counter() - eval_start
+            line["eval_seconds"] = eval_seconds
+            line["round_seconds"] = round_seconds + eval_seconds
+            totals.elapsed_seconds += line["round_seconds"]
+            line["elapsed_seconds"] = totals.elapsed_seconds
+            totals.history.append(line)
+            rundir.append_metrics(run_dir, line)
+            tensors, server_meta = server.state_dict()
+            rundir.save_checkpoint(run_dir, tensors, {"round": round_number, "server": server_meta})
+            if progress:
+                progress.round_done(line)
+        client_eval = evaluate_clients(task, server, grid, rounds + 1)
+    finally:
+        if progress:
+            progress.close()
+    summary = make_summary(task, run_dir, totals, client_eval)
+    rundir.write_summary(run_dir, summary)
+    plot_accuracy(totals.history, run_dir / rundir.PLOT, f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)")
+    return summary
+
+
+def chance_accuracy(task: Task) -> float:
+    return 1.0 / task.data.num_labels if task.data.num_labels else math.nan

@@ -1,0 +1,125 @@
+"""Local training and evaluation on the shared model, and moving trainable state in and out of it.
+
+Randomness is derived from (run seed, round, client), never from a global stream, so a client's
+work is the same whichever order clients run in, and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedft.config import TrainConfig
+from fedft.data.encode import TensorData
+
+
+def derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def parameters_by_name(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in names}
+
+
+def read_state(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the named parameters: what a client sends."""
+    params = parameters_by_name(model, names)
+    return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+
+
+@torch.no_grad()
+def write_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        params[name].copy_(value)
+
+
+def batches(indices: np.ndarray, batch_size: int, generator: torch.Generator, shuffle: bool = True):
+    order = torch.randperm(len(indices), generator=generator).numpy() if shuffle else np.arange(len(indices))
+    for start in range(0, len(indices), batch_size):
+        yield indices[order[start : start + batch_size]]
+
+
+@dataclass
+class TrainStats:
+    num_examples: int
+    steps: int
+    mean_loss: float
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def train_locally(
+    model: nn.Module,
+    names: list[str],
+    data: TensorData,
+    indices: np.ndarray,
+    cfg: TrainConfig,
+    lr: float,
+    seed: int,
+    device: torch.device,
+) -> TrainStats:
+    """Epochs (or `max_steps`) of minibatch cross-entropy on the client's rows, updating `names`."""
+    if len(indices) == 0:
+        raise ValueError("client has no training rows")
+    params = list(parameters_by_name(model, names).values())
+    optimizer = make_optimizer(params, cfg, lr)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    steps, total_loss, seen = 0, 0.0, 0
+    target = cfg.max_steps
+    epoch = 0
+    while True:
+        for index in batches(indices, cfg.batch_size, generator):
+            batch = {k: v.to(device) for k, v in data.batch(index).items()}
+            logits = model(batch)
+            loss = F.cross_entropy(logits, batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            total_loss += float(loss.detach()) * len(index)
+            seen += len(index)
+            if target is not None and steps >= target:
+                return TrainStats(len(indices), steps, total_loss / seen)
+        epoch += 1
+        if target is None and epoch >= cfg.epochs:
+            return TrainStats(len(indices), steps, total_loss / seen)
+
+
+@dataclass
+class EvalStats:
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, data: TensorData, indices: np.ndarray | None, batch_size: int, device: torch.device
+) -> EvalStats:
+    rows = np.arange(len(data)) if indices is None else indices
+    if len(rows) == 0:
+        return EvalStats(0, float("nan"), float("nan"))
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(rows[start : start + batch_size]).items()}
+        logits = model(batch)
+        total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    return EvalStats(len(rows), total_loss / len(rows), correct / len(rows))

@@ -1,0 +1,97 @@
+"""The method plug-in contract.
+
+A method decides what trains (`attach` adds modules, `select_trainable` names the parameters),
+what a client does for each request kind (`client_handlers`), and what the server does each round
+(`make_server`). The defaults give the common FedPEFT shape: local backprop on the trainable
+tensors and a weighted mean on the server. Method code never imports an engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fedft.config import RunConfig
+from fedft.errors import ConfigError, ModelError
+from fedft.federation.aggregation import Tensors
+from fedft.federation.client import ClientContext, Handler
+from fedft.federation.payload import Payload
+from fedft.federation.server import FedAvgServer, Server
+from fedft.federation.training import evaluate, read_state, train_locally, write_state
+from fedft.models.backbone import TaskModel
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+    default_lr: ClassVar[float] = 1e-3
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options if options is not None else self.options_model()
+        self.trainable_names: list[str] = []
+
+    @classmethod
+    def validate_options(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return cls.options_model(**raw).model_dump()
+        except ValidationError as exc:
+            problems = []
+            allowed = ", ".join(cls.options_model.model_fields) or "none"
+            for item in exc.errors():
+                where = "method." + ".".join(str(p) for p in item["loc"])
+                if item["type"] == "extra_forbidden":
+                    problems.append(f"{where}: not an option of method '{cls.name}' (its options: {allowed})")
+                else:
+                    problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+            raise ConfigError("; ".join(problems)) from None
+
+    # --- what trains -------------------------------------------------------------------------
+    def attach(self, model: TaskModel) -> None:
+        """Add the method's own modules to the model (adapters, prompts, LoRA). Default: none."""
+
+    def select_trainable(self, model: TaskModel) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self, model: TaskModel) -> list[str]:
+        """Attach, then freeze everything but the method's parameters; returns their names."""
+        self.attach(model)
+        names = self.select_trainable(model)
+        if not names:
+            raise ModelError(f"method '{self.name}' found nothing to train in model '{model.source}'")
+        wanted = set(names)
+        for pname, param in model.named_parameters():
+            param.requires_grad_(pname in wanted)
+        self.trainable_names = [n for n, _ in model.named_parameters() if n in wanted]
+        return self.trainable_names
+
+    def lr(self, cfg: RunConfig) -> float:
+        return cfg.train.lr if cfg.train.lr is not None else self.default_lr
+
+    # --- client side ---------------------------------------------------------------------------
+    def client_handlers(self) -> dict[str, Handler]:
+        return {"train": self.client_train, "evaluate": self.client_evaluate}
+
+    def client_train(self, ctx: ClientContext, payload: Payload) -> Payload:
+        write_state(ctx.model, payload.tensors)
+        stats = train_locally(
+            ctx.model, ctx.trainable, ctx.data.train, ctx.train_rows, ctx.cfg.train, self.lr(ctx.cfg), ctx.seed, ctx.device
+        )
+        return Payload(
+            read_state(ctx.model, ctx.trainable),
+            {"num_examples": stats.num_examples, "train_loss": stats.mean_loss, "steps": stats.steps},
+        )
+
+    def client_evaluate(self, ctx: ClientContext, payload: Payload) -> Payload:
+        write_state(ctx.model, payload.tensors)
+        stats = evaluate(ctx.model, ctx.data.train, ctx.test_rows, ctx.cfg.train.batch_size * 4, ctx.device)
+        return Payload({}, {"num_examples": stats.num_examples, "loss": stats.loss, "accuracy": stats.accuracy})
+
+    # --- server side ---------------------------------------------------------------------------
+    def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
+        return FedAvgServer(cfg, initial)

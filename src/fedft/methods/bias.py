@@ -1,0 +1,16 @@
+"""`bias`: BitFit (Ben Zaken et al. 2022): every bias term plus the head trains; weights stay frozen."""
+
+from fedft.methods import register
+from fedft.methods.base import Method
+from fedft.models.backbone import TaskModel
+
+
+@register
+class BiasOnly(Method):
+    name = "bias"
+    summary = "FedPEFT: all bias terms + head (BitFit)"
+    default_lr = 5e-3
+
+    def select_trainable(self, model: TaskModel) -> list[str]:
+        head = set(model.head_parameter_names())
+        return [n for n, _ in model.named_parameters() if n.endswith(".bias") or n in head]

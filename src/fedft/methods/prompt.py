@@ -1,0 +1,112 @@
+"""`prompt`: learned prompt tokens plus the head; the backbone stays frozen.
+
+Text (prompt tuning, Lester et al. 2021): n soft tokens go in right after the first token
+([CLS]), so the classifier still reads [CLS]; the attention mask grows to match. They start as
+embeddings of randomly drawn vocabulary tokens.
+ViT (visual prompt tuning, Jia et al. 2022): n tokens after [CLS] at the embedding output
+(shallow), or fresh tokens at the input of every block (deep).
+
+peft's prompt tuning wraps the model in a PeftModel that copies the classifier and covers text
+only; one small module serves both kinds here and keeps parameter names stable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fedft.errors import ModelError
+from fedft.methods import register
+from fedft.methods.base import Method
+from fedft.models.backbone import TaskModel
+
+
+class PromptOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_tokens: int = Field(20, ge=1, description="prompt tokens")
+    deep: bool = Field(False, description="ViT only: fresh prompt tokens at every block (VPT-deep)")
+
+
+class PromptTokens(nn.Module):
+    def __init__(self, depth: int, num_tokens: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.empty(depth, num_tokens, dim))
+        nn.init.normal_(self.tokens, std=0.02)
+
+
+def _insert_after_first(sequence: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    batch = sequence.shape[0]
+    return torch.cat([sequence[:, :1], tokens.unsqueeze(0).expand(batch, -1, -1).to(sequence.dtype), sequence[:, 1:]], dim=1)
+
+
+@register
+class PromptTuning(Method):
+    name = "prompt"
+    summary = "FedPEFT: soft prompt tokens (text) or visual prompts (ViT, shallow/deep) + head"
+    options_model = PromptOptions
+    default_lr = 1e-2
+
+    def attach(self, model: TaskModel) -> None:
+        n = self.options.num_tokens
+        if model.kind == "text":
+            self._attach_text(model, n)
+        else:
+            self._attach_image(model, n)
+
+    def _attach_text(self, model: TaskModel, n: int) -> None:
+        if self.options.deep:
+            raise ModelError("method 'prompt': deep prompts are for ViT; set method.deep=false for text models")
+        limit = getattr(model.net.config, "max_position_embeddings", None)
+        if limit is not None and model.preprocess.max_length + n > limit:
+            raise ModelError(
+                f"method 'prompt': {n} prompt tokens + model.max_length={model.preprocess.max_length} exceed "
+                f"the {limit} positions of {model.source}; lower one of them"
+            )
+        embeddings = model.input_embeddings()
+        prompt = PromptTokens(1, n, model.hidden_size())
+        with torch.no_grad():
+            picks = torch.randint(1000, embeddings.weight.shape[0], (n,))
+            prompt.tokens[0].copy_(embeddings.weight[picks])
+        model.add_module("prompt", prompt)
+
+        def add_prompt(inputs: dict[str, Any]) -> dict[str, Any]:
+            ids = inputs.pop("input_ids")
+            mask = inputs["attention_mask"]
+            inputs["inputs_embeds"] = _insert_after_first(embeddings(ids), prompt.tokens[0])
+            ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
+            inputs["attention_mask"] = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+            return inputs
+
+        model.input_hooks.append(add_prompt)
+
+    def _attach_image(self, model: TaskModel, n: int) -> None:
+        base = model.net.base_model
+        embeddings = getattr(base, "embeddings", None)
+        if embeddings is None:
+            raise ModelError(f"method 'prompt': cannot find the patch embeddings of {model.source}")
+        blocks = model.blocks()
+        depth = len(blocks) if self.options.deep else 1
+        prompt = PromptTokens(depth, n, model.hidden_size())
+        model.add_module("prompt", prompt)
+        embeddings.register_forward_hook(lambda _m, _i, out: _insert_after_first(out, prompt.tokens[0]))
+        if not self.options.deep:
+            return
+        for index in range(1, len(blocks)):
+
+            def replace(_module, args, kwargs, index=index):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                batch = hidden.shape[0]
+                fresh = prompt.tokens[index].unsqueeze(0).expand(batch, -1, -1).to(hidden.dtype)
+                hidden = torch.cat([hidden[:, :1], fresh, hidden[:, 1 + n :]], dim=1)
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": hidden}
+
+            blocks[index].register_forward_pre_hook(replace, with_kwargs=True)
+
+    def select_trainable(self, model: TaskModel) -> list[str]:
+        head = set(model.head_parameter_names())
+        return [n for n, _ in model.named_parameters() if n.startswith("prompt.") or n in head]

@@ -1,0 +1,1 @@
+"""Metrics: measuring cost, the run folder, plots and the report."""

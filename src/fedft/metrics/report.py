@@ -1,0 +1,47 @@
+"""The table printed at the end of a run (and by `fedft report`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
+        ("run", summary["name"]),
+        ("method / model / data", f"{summary['method']} / {summary['model']} / {summary['data']}"),
+        ("rounds completed", str(summary["rounds_completed"])),
+        ("final accuracy", _pct(summary["final_accuracy"])),
+        ("best accuracy", f"{_pct(summary['best_accuracy'])} (round {summary['best_round']})"),
+        ("trainable parameters", f"{summary['trainable_params']:,}"),
+        ("uplink per client per round", _bytes(summary["bytes_up_per_client_per_round"])),
+        ("downlink per client per round", _bytes(summary["bytes_down_per_client_per_round"])),
+        ("total sent (up + down)", _bytes(summary["total_bytes"])),
+        ("client peak memory (RSS)", f"{summary['client_peak_rss_mb']:.0f} MB"),
+        ("time", f"{summary['seconds']:.1f} s ({summary['seconds_per_round']:.1f} s/round)"),
+    ]
+    if summary.get("client_peak_cuda_mb"):
+        rows.append(("client peak CUDA memory", f"{summary['client_peak_cuda_mb']:.0f} MB"))
+    ce = summary.get("client_eval") or {}
+    if ce:
+        rows.append(("clients' local test accuracy", f"{_pct(ce['weighted_accuracy'])} (worst client {_pct(ce['min_accuracy'])})"))
+    if summary.get("failed_client_updates"):
+        rows.append(("failed client updates", str(summary["failed_client_updates"])))
+    return rows
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    rows = summary_rows(summary)
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])

