@@ -6,6 +6,7 @@ Partitions are index lists into the training set, so a client costs a few intege
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import datasets
@@ -66,13 +67,15 @@ def partition_rows(labels: list[int], cfg: DataConfig, clients: int, num_labels:
     table = datasets.Dataset.from_dict({"label": labels, ROW: list(range(len(labels)))})
     partitioner = _partitioner(cfg, clients, num_labels, seed)
     partitioner.dataset = table
-    try:
-        parts = [np.asarray(partitioner.load_partition(i)[ROW], dtype=np.int64) for i in range(clients)]
-    except ValueError as exc:
-        raise DataError(
-            f"{cfg.partition} partition failed: {str(exc).splitlines()[0]}; "
-            "lower data.min_partition_size, raise data.alpha, or use fewer clients"
-        ) from exc
+    with warnings.catch_warnings():
+        try:
+            warnings.simplefilter("ignore", UserWarning)  # its retries warn; a failure raises below
+            parts = [np.asarray(partitioner.load_partition(i)[ROW], dtype=np.int64) for i in range(clients)]
+        except ValueError as exc:
+            raise DataError(
+                f"{cfg.partition} partition failed ({str(exc).splitlines()[0]}); "
+                "lower data.min_partition_size, raise data.alpha, or use fewer clients"
+            ) from exc
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise DataError(f"{cfg.partition} partition left clients {empty[:5]} without data; use fewer clients or another partition")

@@ -90,6 +90,10 @@ class TaskModel(nn.Module):
 
 
 BUILTIN_MODELS = ("minilm", "tiny-bert", "tiny-vit")
+# Tiny random models for tests. At the usual init scale (0.02) a 2-layer random encoder maps every
+# input to nearly the same [CLS] vector, so nothing but LoRA could fit a batch; at 0.3 the features
+# differ across inputs, as a pretrained model's do.
+TINY_INIT_RANGE = 0.3
 
 
 def minilm_path() -> str:
@@ -112,6 +116,7 @@ def _tiny_bert(num_labels: int, max_length: int) -> tuple[nn.Module, Preprocess]
         intermediate_size=64,
         max_position_embeddings=max(128, max_length + 64),
         num_labels=num_labels,
+        initializer_range=TINY_INIT_RANGE,
     )
     return BertForSequenceClassification(config), Preprocess("text", tokenizer=tokenizer, max_length=max_length)
 
@@ -128,6 +133,7 @@ def _tiny_vit(num_labels: int) -> tuple[nn.Module, Preprocess]:
         num_attention_heads=2,
         intermediate_size=64,
         num_labels=num_labels,
+        initializer_range=TINY_INIT_RANGE,
     )
     return ViTForImageClassification(config), Preprocess("image", image_size=8, channels=1)
 

@@ -1,0 +1,36 @@
+"""Shared helpers: small configs on tiny random models, and the path to the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedft.config import RunConfig, build_config
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_config(tmp_path: Path, method: str = "lora", model: str = "tiny-bert", **sets: object) -> RunConfig:
+    base: dict[str, object] = {
+        "output_dir": str(tmp_path / "runs"),
+        "model.name": model,
+        "model.max_length": 16,
+        "method.name": method,
+        "data.max_train_samples": 240,
+        "data.max_test_samples": 80,
+        "federation.clients": 4,
+        "federation.rounds": 2,
+        "federation.sample_fraction": 0.5,
+        "train.batch_size": 16,
+        "train.max_steps": 3,
+    }
+    base.update(sets)
+    return build_config(base=base)
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"../shared/data/{name} is not here (a user's clone has no ../shared)")
+    return path
