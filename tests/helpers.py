@@ -11,7 +11,9 @@ from fedft.config import RunConfig, build_config
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def tiny_config(tmp_path: Path, method: str = "lora", model: str = "tiny-bert", **sets: object) -> RunConfig:
+def tiny_config(
+    tmp_path: Path, method: str = "lora", model: str = "tiny-bert", **sets: object
+) -> RunConfig:
     base: dict[str, object] = {
         "output_dir": str(tmp_path / "runs"),
         "model.name": model,

@@ -19,24 +19,33 @@ def test_weighted_mean_matches_hand_computation():
     b = {"w": torch.tensor([3.0, 0.0, -1.0]), "b": torch.tensor([[1.5]])}
     c = {"w": torch.tensor([0.0, 4.0, 1.0]), "b": torch.tensor([[-2.0]])}
     out = weighted_mean([a, b, c], [10, 30, 60])
-    assert torch.allclose(out["w"], torch.tensor([(10 * 1 + 30 * 3 + 0) / 100, (20 + 0 + 240) / 100, (30 - 30 + 60) / 100]))
+    assert torch.allclose(
+        out["w"],
+        torch.tensor([(10 * 1 + 30 * 3 + 0) / 100, (20 + 0 + 240) / 100, (30 - 30 + 60) / 100]),
+    )
     assert torch.allclose(out["b"], torch.tensor([[(5 + 45 - 120) / 100]]))
     assert out["w"].dtype == torch.float32
 
 
 def test_fedavg_round_is_the_sample_weighted_mean_of_client_replies(tmp_path: Path):
-    cfg = tiny_config(tmp_path, "bias", **{"data.partition": "dirichlet", "data.min_partition_size": 5})
+    cfg = tiny_config(
+        tmp_path, "bias", **{"data.partition": "dirichlet", "data.min_partition_size": 5}
+    )
     task = build_task(cfg)
     names = task.method.trainable_names
     start = read_state(task.model, names)
-    grid = LocalGrid(ClientRuntime(task.method, task.model, task.data, cfg, task.device), task.device)
+    grid = LocalGrid(
+        ClientRuntime(task.method, task.model, task.data, cfg, task.device), task.device
+    )
     clients = [0, 1, 2]
     # What each client sends, asked for one by one:
     replies = grid.exchange([Message(c, "train", Payload(dict(start)), 1) for c in clients])
     sizes = [len(task.data.clients[c].train) for c in clients]
     assert [r.payload.scalars["num_examples"] for r in replies] == sizes
     by_hand = {
-        n: sum(r.payload.tensors[n].double() * s for r, s in zip(replies, sizes, strict=True)) / sum(sizes) for n in names
+        n: sum(r.payload.tensors[n].double() * s for r, s in zip(replies, sizes, strict=True))
+        / sum(sizes)
+        for n in names
     }
     server = FedAvgServer(cfg, start)
     server.run_round(1, grid, clients)

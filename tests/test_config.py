@@ -18,7 +18,14 @@ def test_yaml_then_overrides_in_order(tmp_path: Path):
 
 def test_defaults_are_the_documented_main_job():
     cfg = build_config()
-    assert (cfg.model.name, cfg.data.source, cfg.federation.clients, cfg.data.partition, cfg.data.alpha, cfg.method.name) == (
+    assert (
+        cfg.model.name,
+        cfg.data.source,
+        cfg.federation.clients,
+        cfg.data.partition,
+        cfg.data.alpha,
+        cfg.method.name,
+    ) == (
         "minilm",
         "demo",
         10,
@@ -50,5 +57,11 @@ def test_every_field_has_help():
     for line in text.splitlines():
         if ":" in line and not line.rstrip().endswith(":"):
             assert "#" in line, line
-    for field in ("federation:", "clients: 10", "alpha: 0.5", "[lora] LoRA rank", "[adapter] bottleneck width"):
+    for field in (
+        "federation:",
+        "clients: 10",
+        "alpha: 0.5",
+        "[lora] LoRA rank",
+        "[adapter] bottleneck width",
+    ):
         assert field in text

@@ -12,12 +12,24 @@ from fedft.federation.engine import build_task, run_federation
 from fedft.methods import register
 from fedft.methods.bias import BiasOnly
 from fedft.metrics import rundir
+
 from helpers import tiny_config
 
 METHODS = ["full", "head", "bias", "adapter", "prompt", "lora"]
-TIMING_KEYS = {"seconds", "client_seconds_mean", "client_seconds_max", "client_peak_rss_mb", "client_peak_cuda_mb",
-               "server_seconds", "eval_seconds", "round_seconds", "elapsed_seconds", "peak_rss_mb",
-               "seconds_per_round", "client_seconds_per_round"}
+TIMING_KEYS = {
+    "seconds",
+    "client_seconds_mean",
+    "client_seconds_max",
+    "client_peak_rss_mb",
+    "client_peak_cuda_mb",
+    "server_seconds",
+    "eval_seconds",
+    "round_seconds",
+    "elapsed_seconds",
+    "peak_rss_mb",
+    "seconds_per_round",
+    "client_seconds_per_round",
+}
 
 
 def start(cfg, name: str = "run") -> Path:
@@ -39,12 +51,16 @@ def test_uplink_bytes_per_client_equal_trainable_tensor_bytes(tmp_path: Path, me
     cfg = tiny_config(tmp_path, method, **{"federation.rounds": 1, "train.max_steps": 1})
     task = build_task(cfg)
     params = dict(task.model.named_parameters())
-    expected = sum(params[n].numel() * params[n].element_size() for n in task.method.trainable_names)
+    expected = sum(
+        params[n].numel() * params[n].element_size() for n in task.method.trainable_names
+    )
     assert expected == sum(p.numel() * 4 for p in task.model.parameters() if p.requires_grad)
     run_dir = start(cfg)
     run_federation(task, run_dir)
     (line,) = rundir.read_metrics(run_dir)
-    assert line["per_client"] and all(c["bytes_up"] == expected and c["bytes_down"] == expected for c in line["per_client"])
+    assert line["per_client"] and all(
+        c["bytes_up"] == expected and c["bytes_down"] == expected for c in line["per_client"]
+    )
     assert line["bytes_up"] == expected * len(line["clients"])
     # scalars (num_examples, train_loss, steps) are counted apart, 8 bytes each
     assert line["scalar_bytes"] == 3 * 8 * len(line["clients"])
@@ -52,7 +68,11 @@ def test_uplink_bytes_per_client_equal_trainable_tensor_bytes(tmp_path: Path, me
 
 
 def test_resumed_run_equals_unbroken_run(tmp_path: Path):
-    sets = {"federation.rounds": 3, "federation.server_optimizer": "fedadam", "federation.server_lr": 0.05}
+    sets = {
+        "federation.rounds": 3,
+        "federation.server_optimizer": "fedadam",
+        "federation.server_lr": 0.05,
+    }
     cfg = tiny_config(tmp_path, "lora", **sets)
     full_dir = start(cfg, "unbroken")
     unbroken = run_federation(build_task(cfg), full_dir)
@@ -62,9 +82,14 @@ def test_resumed_run_equals_unbroken_run(tmp_path: Path):
     run_federation(build_task(stopped), part_dir)
     resumed = run_federation(build_task(cfg), part_dir, resume=True)
 
-    assert strip_timing(rundir.read_metrics(part_dir)) == strip_timing(rundir.read_metrics(full_dir))
+    assert strip_timing(rundir.read_metrics(part_dir)) == strip_timing(
+        rundir.read_metrics(full_dir)
+    )
     assert strip_timing(resumed) | {"name": None} == strip_timing(unbroken) | {"name": None}
-    a, b = load_file(str(full_dir / rundir.CHECKPOINT)), load_file(str(part_dir / rundir.CHECKPOINT))
+    a, b = (
+        load_file(str(full_dir / rundir.CHECKPOINT)),
+        load_file(str(part_dir / rundir.CHECKPOINT)),
+    )
     assert a.keys() == b.keys() and any(k.startswith("opt.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -94,7 +119,9 @@ class FlakyBias(BiasOnly):
 
 
 def test_failing_client_is_recorded_and_left_out(tmp_path: Path):
-    cfg = tiny_config(tmp_path, "test-flaky-bias", **{"federation.sample_fraction": 1.0, "federation.rounds": 1})
+    cfg = tiny_config(
+        tmp_path, "test-flaky-bias", **{"federation.sample_fraction": 1.0, "federation.rounds": 1}
+    )
     task = build_task(cfg)
     run_dir = start(cfg)
     summary = run_federation(task, run_dir)
@@ -109,7 +136,9 @@ def test_failing_client_is_recorded_and_left_out(tmp_path: Path):
 
 
 def test_too_few_replies_stop_the_run_and_keep_the_checkpoint(tmp_path: Path):
-    cfg = tiny_config(tmp_path, "test-flaky-bias", **{"federation.sample_count": 1, "federation.rounds": 30})
+    cfg = tiny_config(
+        tmp_path, "test-flaky-bias", **{"federation.sample_count": 1, "federation.rounds": 30}
+    )
     task = build_task(cfg)
     run_dir = start(cfg)
     with pytest.raises(RunStopped, match="fewer than federation.min_replies=1"):
@@ -129,15 +158,23 @@ def test_run_folder_outputs(tmp_path: Path):
     saved = json.loads((run_dir / rundir.SUMMARY).read_text())
     assert saved == json.loads(json.dumps(summary))
     assert saved["final_accuracy"] == lines[-1]["test_accuracy"]
-    assert saved["best_accuracy"] == max(m["test_accuracy"] for m in lines if m["test_accuracy"] is not None)
+    assert saved["best_accuracy"] == max(
+        m["test_accuracy"] for m in lines if m["test_accuracy"] is not None
+    )
     assert saved["client_peak_rss_mb"] > 50
-    assert 0 <= saved["client_eval"]["min_accuracy"] <= saved["client_eval"]["weighted_accuracy"] <= 1
+    assert (
+        0 <= saved["client_eval"]["min_accuracy"] <= saved["client_eval"]["weighted_accuracy"] <= 1
+    )
     assert (run_dir / rundir.PLOT).stat().st_size > 10_000
 
 
 def test_same_seed_same_result_and_other_seed_differs(tmp_path: Path):
-    a = run_federation(build_task(tiny_config(tmp_path, "bias")), start(tiny_config(tmp_path, "bias"), "a"))
-    b = run_federation(build_task(tiny_config(tmp_path, "bias")), start(tiny_config(tmp_path, "bias"), "b"))
+    a = run_federation(
+        build_task(tiny_config(tmp_path, "bias")), start(tiny_config(tmp_path, "bias"), "a")
+    )
+    b = run_federation(
+        build_task(tiny_config(tmp_path, "bias")), start(tiny_config(tmp_path, "bias"), "b")
+    )
     c_cfg = tiny_config(tmp_path, "bias", seed=1)
     c = run_federation(build_task(c_cfg), start(c_cfg, "c"))
     assert a["final_loss"] == b["final_loss"]

@@ -16,7 +16,11 @@ def fixed_batch(kind: str) -> dict[str, torch.Tensor]:
     if kind == "tiny-bert":
         ids = torch.randint(1000, 2000, (8, 12), generator=g)
         ids[:, 0] = 101
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(8) % 3}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.arange(8) % 3,
+        }
     return {"pixel_values": torch.randn(8, 1, 8, 8, generator=g), "labels": torch.arange(8) % 3}
 
 
@@ -42,7 +46,9 @@ def test_method_trains_and_leaves_frozen_weights_alone(method: str, model_name: 
     model, names = build(method, model_name, **options)
     trainable = set(names)
     assert all(p.requires_grad == (n in trainable) for n, p in model.named_parameters())
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
+    frozen_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable
+    }
     batch = fixed_batch(model_name)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.eval()  # no dropout: the fixed batch gives a clean loss curve; gradients flow the same
@@ -86,7 +92,10 @@ def test_adapter_starts_as_the_pretrained_function(model_name: str):
 def test_text_prompts_extend_the_sequence_after_cls():
     model, _ = build("prompt", "tiny-bert", num_tokens=5)
     seen = {}
-    model.net.bert.encoder.register_forward_pre_hook(lambda m, a, k: seen.update(shape=(a[0] if a else k["hidden_states"]).shape), with_kwargs=True)
+    model.net.bert.encoder.register_forward_pre_hook(
+        lambda m, a, k: seen.update(shape=(a[0] if a else k["hidden_states"]).shape),
+        with_kwargs=True,
+    )
     model(fixed_batch("tiny-bert"))
     assert seen["shape"][1] == 12 + 5
 

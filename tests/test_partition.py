@@ -26,7 +26,9 @@ def test_partitions_cover_every_row_once(cfg: DataConfig):
 
 
 def test_dirichlet_is_skewed_and_respects_min_size():
-    parts = partition_rows(LABELS, DataConfig(partition="dirichlet", alpha=0.2, min_partition_size=20), 6, 4, seed=0)
+    parts = partition_rows(
+        LABELS, DataConfig(partition="dirichlet", alpha=0.2, min_partition_size=20), 6, 4, seed=0
+    )
     assert min(len(p) for p in parts) >= 20
     shares = [np.bincount(np.asarray(LABELS)[p], minlength=4).max() / len(p) for p in parts]
     assert np.mean(shares) > 0.6  # most of a client's rows come from one class
@@ -34,11 +36,19 @@ def test_dirichlet_is_skewed_and_respects_min_size():
 
 def test_impossible_dirichlet_is_refused_with_a_fix():
     with pytest.raises(DataError, match="lower data.min_partition_size"):
-        partition_rows(LABELS, DataConfig(partition="dirichlet", alpha=0.05, min_partition_size=90), 10, 4, seed=0)
+        partition_rows(
+            LABELS,
+            DataConfig(partition="dirichlet", alpha=0.05, min_partition_size=90),
+            10,
+            4,
+            seed=0,
+        )
 
 
 def test_pathological_gives_each_client_its_classes():
-    parts = partition_rows(LABELS, DataConfig(partition="pathological", classes_per_client=1), 4, 4, seed=0)
+    parts = partition_rows(
+        LABELS, DataConfig(partition="pathological", classes_per_client=1), 4, 4, seed=0
+    )
     for p in parts:
         assert len(set(np.asarray(LABELS)[p].tolist())) == 1
 

@@ -28,7 +28,12 @@ class TqdmProgress:
         from tqdm import tqdm
 
         total = (total_rounds - first_round + 1) * clients_per_round
-        self.bar = tqdm(total=total, unit="update", desc=f"round {first_round}/{total_rounds}", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total,
+            unit="update",
+            desc=f"round {first_round}/{total_rounds}",
+            dynamic_ncols=True,
+        )
         self.total_rounds = total_rounds
 
     def client_done(self, reply) -> None:
@@ -44,7 +49,9 @@ class TqdmProgress:
         if line["failed"]:
             post["failed"] = len(line["failed"])
         self.bar.set_postfix(post)
-        self.bar.set_description(f"round {min(line['round'] + 1, self.total_rounds)}/{self.total_rounds}")
+        self.bar.set_description(
+            f"round {min(line['round'] + 1, self.total_rounds)}/{self.total_rounds}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -71,18 +78,24 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         saved = run_dir / rundir.CONFIG
         if not saved.is_file():
-            raise FedftError(f"--resume {run_dir}: no {rundir.CONFIG} there; give the folder of an earlier run")
+            raise FedftError(
+                f"--resume {run_dir}: no {rundir.CONFIG} there; give the folder of an earlier run"
+            )
         if args.config:
-            raise FedftError("--resume takes its config from the run folder; drop --config (use --set federation.rounds=N to extend it)")
+            raise FedftError(
+                "--resume takes its config from the run folder; drop --config (use --set federation.rounds=N to extend it)"
+            )
         cfg = build_config(saved, args.set)
         import yaml
 
-        before = yaml.safe_load(saved.read_text())
+        before = validate_config(yaml.safe_load(saved.read_text())).model_dump(mode="json")
         after = cfg.model_dump(mode="json")
-        before.get("federation", {}).pop("rounds", None)
-        after.get("federation", {}).pop("rounds", None)
-        if validate_config(before).model_dump(mode="json") != after:
-            raise FedftError("--resume: only federation.rounds may change on resume; start a new run for other changes")
+        before["federation"].pop("rounds")
+        after["federation"].pop("rounds")
+        if before != after:
+            raise FedftError(
+                "--resume: only federation.rounds may change on resume; start a new run for other changes"
+            )
         task = build_task(cfg)
         rundir.load_checkpoint(run_dir)  # fails clearly before anything is touched
         (run_dir / rundir.CONFIG).write_text(config_to_yaml(cfg))
@@ -100,7 +113,9 @@ def _run(args: argparse.Namespace) -> int:
         f"{task.trainable_params:,} trainable parameters -> {run_dir}",
         flush=True,
     )
-    summary = run_federation(task, run_dir, resume=bool(args.resume), progress=None if args.quiet else TqdmProgress())
+    summary = run_federation(
+        task, run_dir, resume=bool(args.resume), progress=None if args.quiet else TqdmProgress()
+    )
     print(format_summary(summary))
     chance = 1 / task.data.num_labels
     print(f"chance level: {100 * chance:.1f}%   run folder: {run_dir}")
@@ -130,29 +145,45 @@ def _report(args: argparse.Namespace) -> int:
 
     path = Path(args.run_dir) / rundir.SUMMARY
     if not path.is_file():
-        raise FedftError(f"{args.run_dir} has no {rundir.SUMMARY}; the run has not finished (resume it with fedft run --resume)")
+        raise FedftError(
+            f"{args.run_dir} has no {rundir.SUMMARY}; the run has not finished (resume it with fedft run --resume)"
+        )
     print(format_summary(json.loads(path.read_text())))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedft", description="Federated fine-tuning of pretrained models.")
+    parser = argparse.ArgumentParser(
+        prog="fedft", description="Federated fine-tuning of pretrained models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated fine-tuning job")
     run.add_argument("--config", help="YAML config file")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. --set method.name=bias")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set method.name=bias",
+    )
     run.add_argument("--data", help="shortcut for --set data.source=...")
     run.add_argument("--model", help="shortcut for --set model.name=...")
     run.add_argument("--method", help="shortcut for --set method.name=...")
     run.add_argument("--name", help="run folder name under output_dir")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint"
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run folder of the same name"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 
     sub.add_parser("methods", help="list the registered methods").set_defaults(func=_methods)
-    sub.add_parser("config", help="print every config field with its default and help").set_defaults(func=_config)
+    sub.add_parser(
+        "config", help="print every config field with its default and help"
+    ).set_defaults(func=_config)
     report = sub.add_parser("report", help="print the summary table of a finished run")
     report.add_argument("run_dir")
     report.set_defaults(func=_report)
@@ -169,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedft: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("fedft: interrupted; the last checkpoint is intact (continue with fedft run --resume RUN_DIR)", file=sys.stderr)
+        print(
+            "fedft: interrupted; the last checkpoint is intact (continue with fedft run --resume RUN_DIR)",
+            file=sys.stderr,
+        )
         return 130
 
 

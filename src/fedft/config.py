@@ -25,7 +25,9 @@ class ModelConfig(Section):
         "minilm",
         description="'minilm' (bundled all-MiniLM-L6-v2), 'tiny-bert', 'tiny-vit', a local folder, or a hub name",
     )
-    max_length: int = Field(48, ge=4, le=4096, description="tokens per text (longer is cut, shorter padded)")
+    max_length: int = Field(
+        48, ge=4, le=4096, description="tokens per text (longer is cut, shorter padded)"
+    )
 
 
 class DataConfig(Section):
@@ -35,40 +37,82 @@ class DataConfig(Section):
     )
     text_column: str = Field("text", description="column holding the text")
     label_column: str = Field("label", description="column holding the class label")
-    test_file: str | None = Field(None, description="test split file; default: test.*/validation.* in the folder, else held out")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="fraction held out as the global test set when there is no test file")
-    max_train_samples: int | None = Field(None, ge=1, description="seeded subset of the training data (None: all)")
-    max_test_samples: int | None = Field(None, ge=1, description="seeded subset of the global test set (None: all)")
-    partition: Literal["iid", "dirichlet", "pathological"] = Field("dirichlet", description="how training data is split across clients")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more skewed label mix)")
-    classes_per_client: int = Field(2, ge=1, description="classes each client holds with 'pathological'")
-    min_partition_size: int = Field(10, ge=1, description="smallest client partition 'dirichlet' accepts")
-    local_test_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of each client's data kept for its local test")
+    test_file: str | None = Field(
+        None,
+        description="test split file; default: test.*/validation.* in the folder, else held out",
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="fraction held out as the global test set when there is no test file",
+    )
+    max_train_samples: int | None = Field(
+        None, ge=1, description="seeded subset of the training data (None: all)"
+    )
+    max_test_samples: int | None = Field(
+        None, ge=1, description="seeded subset of the global test set (None: all)"
+    )
+    partition: Literal["iid", "dirichlet", "pathological"] = Field(
+        "dirichlet", description="how training data is split across clients"
+    )
+    alpha: float = Field(
+        0.5, gt=0, description="Dirichlet concentration (smaller: more skewed label mix)"
+    )
+    classes_per_client: int = Field(
+        2, ge=1, description="classes each client holds with 'pathological'"
+    )
+    min_partition_size: int = Field(
+        10, ge=1, description="smallest client partition 'dirichlet' accepts"
+    )
+    local_test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="fraction of each client's data kept for its local test"
+    )
 
 
 class FederationConfig(Section):
     engine: Literal["local"] = Field("local", description="'local': every client in this process")
     clients: int = Field(10, ge=1, description="number of clients")
     rounds: int = Field(8, ge=1, description="federated rounds")
-    sample_fraction: float = Field(0.5, gt=0, le=1, description="fraction of clients sampled each round")
-    sample_count: int | None = Field(None, ge=1, description="clients sampled each round (overrides sample_fraction)")
-    min_replies: int = Field(1, ge=1, description="a round with fewer successful replies stops the run")
-    eval_every: int = Field(1, ge=1, description="evaluate the global model every k rounds (and at the end)")
-    server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = Field("fedavg", description="how the server applies the mean update")
-    server_lr: float = Field(1.0, gt=0, description="server learning rate (1.0 with fedavg: plain weighted mean)")
-    server_momentum: float = Field(0.9, ge=0, lt=1, description="momentum for fedavgm; beta1 for fedadam")
+    sample_fraction: float = Field(
+        0.5, gt=0, le=1, description="fraction of clients sampled each round"
+    )
+    sample_count: int | None = Field(
+        None, ge=1, description="clients sampled each round (overrides sample_fraction)"
+    )
+    min_replies: int = Field(
+        1, ge=1, description="a round with fewer successful replies stops the run"
+    )
+    eval_every: int = Field(
+        1, ge=1, description="evaluate the global model every k rounds (and at the end)"
+    )
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = Field(
+        "fedavg", description="how the server applies the mean update"
+    )
+    server_lr: float = Field(
+        1.0, gt=0, description="server learning rate (1.0 with fedavg: plain weighted mean)"
+    )
+    server_momentum: float = Field(
+        0.9, ge=0, lt=1, description="momentum for fedavgm; beta1 for fedadam"
+    )
     server_beta2: float = Field(0.99, gt=0, lt=1, description="beta2 for fedadam")
     server_eps: float = Field(1e-3, gt=0, description="epsilon (tau) for fedadam")
 
 
 class TrainConfig(Section):
     epochs: int = Field(1, ge=1, description="local epochs per round")
-    max_steps: int | None = Field(None, ge=1, description="local steps per round (overrides epochs)")
+    max_steps: int | None = Field(
+        None, ge=1, description="local steps per round (overrides epochs)"
+    )
     batch_size: int = Field(16, ge=1, description="local batch size")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="client optimizer")
-    lr: float | None = Field(None, gt=0, description="client learning rate (None: the method's default)")
+    lr: float | None = Field(
+        None, gt=0, description="client learning rate (None: the method's default)"
+    )
     weight_decay: float = Field(0.0, ge=0, description="client weight decay")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the local gradient norm (None: off)")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the local gradient norm (None: off)"
+    )
 
 
 class MethodConfig(BaseModel):
@@ -82,10 +126,15 @@ class MethodConfig(BaseModel):
 
 
 class RunConfig(Section):
-    name: str | None = Field(None, description="run folder name under output_dir (None: <method>-<data>, numbered if taken)")
+    name: str | None = Field(
+        None,
+        description="run folder name under output_dir (None: <method>-<data>, numbered if taken)",
+    )
     output_dir: str = Field("runs", description="where run folders go")
     seed: int = Field(0, description="one seed gives one result on the local engine")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' uses CUDA when present"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -122,7 +171,9 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: write it as dotted.key=value, e.g. --set method.name=bias")
+        raise ConfigError(
+            f"--set {text!r}: write it as dotted.key=value, e.g. --set method.name=bias"
+        )
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
@@ -158,7 +209,9 @@ def build_config(
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {exc}".splitlines()[0]
+            ) from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         tree = loaded
@@ -198,14 +251,26 @@ def describe_fields() -> str:
             default = field.get_default(call_default_factory=True)
             if ann is MethodConfig:
                 out.append(f"{pad}{name}:")
-                out.append(f"  {pad}name: {default.name}  # {MethodConfig.model_fields['name'].description}")
+                out.append(
+                    f"  {pad}name: {default.name}  # {MethodConfig.model_fields['name'].description}"
+                )
                 for mname in available_methods():
                     opts = get_method(mname).options_model
                     for oname, ofield in opts.model_fields.items():
-                        val = yaml.safe_dump(ofield.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
+                        val = (
+                            yaml.safe_dump(
+                                ofield.get_default(call_default_factory=True),
+                                default_flow_style=True,
+                            )
+                            .strip()
+                            .removesuffix("...")
+                            .strip()
+                        )
                         out.append(f"  {pad}# {oname}: {val}  # [{mname}] {ofield.description}")
                 continue
-            val = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            val = (
+                yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            )
             out.append(f"{pad}{name}: {val}  # {field.description}")
 
     walk(RunConfig, 0)

@@ -29,7 +29,9 @@ class FederatedData:
 
 def check_fits(raw: RawData, pre: Preprocess, model_name: str) -> None:
     if raw.kind != pre.kind:
-        raise DataError(f"model '{model_name}' takes {pre.kind} input but the data {raw.origin} is {raw.kind}; pick a matching model")
+        raise DataError(
+            f"model '{model_name}' takes {pre.kind} input but the data {raw.origin} is {raw.kind}; pick a matching model"
+        )
 
 
 def build_federated_data(cfg: RunConfig, raw: RawData, pre: Preprocess) -> FederatedData:
@@ -47,4 +49,11 @@ def build_federated_data(cfg: RunConfig, raw: RawData, pre: Preprocess) -> Feder
     )
 
 
-__all__ = ["ClientSplit", "FederatedData", "RawData", "TensorData", "build_federated_data", "load_raw"]
+__all__ = [
+    "ClientSplit",
+    "FederatedData",
+    "RawData",
+    "TensorData",
+    "build_federated_data",
+    "load_raw",
+]

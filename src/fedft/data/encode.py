@@ -39,7 +39,9 @@ def encode(ds: datasets.Dataset, pre: Preprocess, pixel_scale: float | None = No
             max_length=pre.max_length,
             return_tensors="pt",
         )
-        return TensorData({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, labels)
+        return TensorData(
+            {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, labels
+        )
     return TensorData({"pixel_values": _pixels(ds, pre, pixel_scale)}, labels)
 
 
@@ -51,10 +53,14 @@ def _pixels(ds: datasets.Dataset, pre: Preprocess, scale: float | None) -> torch
     flat = torch.tensor(np.asarray(ds["pixels"], dtype=np.float32))
     side = int(math.isqrt(flat.shape[1]))
     if side * side != flat.shape[1]:
-        raise DataError(f"image rows have {flat.shape[1]} pixel columns, which is not a square image")
+        raise DataError(
+            f"image rows have {flat.shape[1]} pixel columns, which is not a square image"
+        )
     images = (flat / (scale or max(1.0, float(flat.max())))).view(-1, 1, side, side)
     if pre.image_size != side:
-        images = F.interpolate(images, size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False)
+        images = F.interpolate(
+            images, size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False
+        )
     if pre.channels != 1:
         images = images.expand(-1, pre.channels, -1, -1).contiguous()
     return (images - 0.5) / 0.5

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
 
 from fedft.config import DataConfig
 from fedft.errors import DataError
@@ -43,7 +48,9 @@ def _partitioner(cfg: DataConfig, clients: int, num_labels: int, seed: int) -> P
             seed=seed,
         )
     if cfg.classes_per_client > num_labels:
-        raise DataError(f"data.classes_per_client={cfg.classes_per_client} but the data has only {num_labels} classes")
+        raise DataError(
+            f"data.classes_per_client={cfg.classes_per_client} but the data has only {num_labels} classes"
+        )
     if clients * cfg.classes_per_client < num_labels:
         raise DataError(
             f"pathological partition: {clients} clients x {cfg.classes_per_client} classes cannot cover "
@@ -60,17 +67,24 @@ def _partitioner(cfg: DataConfig, clients: int, num_labels: int, seed: int) -> P
     )
 
 
-def partition_rows(labels: list[int], cfg: DataConfig, clients: int, num_labels: int, seed: int) -> list[np.ndarray]:
+def partition_rows(
+    labels: list[int], cfg: DataConfig, clients: int, num_labels: int, seed: int
+) -> list[np.ndarray]:
     """Row indices per client; every row lands in exactly one partition."""
     if clients > len(labels):
-        raise DataError(f"federation.clients={clients} is more than the {len(labels)} training rows; use fewer clients or more data")
+        raise DataError(
+            f"federation.clients={clients} is more than the {len(labels)} training rows; use fewer clients or more data"
+        )
     table = datasets.Dataset.from_dict({"label": labels, ROW: list(range(len(labels)))})
     partitioner = _partitioner(cfg, clients, num_labels, seed)
     partitioner.dataset = table
     with warnings.catch_warnings():
         try:
             warnings.simplefilter("ignore", UserWarning)  # its retries warn; a failure raises below
-            parts = [np.asarray(partitioner.load_partition(i)[ROW], dtype=np.int64) for i in range(clients)]
+            parts = [
+                np.asarray(partitioner.load_partition(i)[ROW], dtype=np.int64)
+                for i in range(clients)
+            ]
         except ValueError as exc:
             raise DataError(
                 f"{cfg.partition} partition failed ({str(exc).splitlines()[0]}); "
@@ -78,7 +92,9 @@ def partition_rows(labels: list[int], cfg: DataConfig, clients: int, num_labels:
             ) from exc
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
-        raise DataError(f"{cfg.partition} partition left clients {empty[:5]} without data; use fewer clients or another partition")
+        raise DataError(
+            f"{cfg.partition} partition left clients {empty[:5]} without data; use fewer clients or another partition"
+        )
     return parts
 
 
@@ -90,5 +106,7 @@ def local_splits(parts: list[np.ndarray], test_fraction: float, seed: int) -> li
         rng = np.random.default_rng([seed, cid])
         shuffled = rows[rng.permutation(len(rows))]
         n_test = min(int(round(len(rows) * test_fraction)), len(rows) - 1)
-        splits.append(ClientSplit(train=np.sort(shuffled[n_test:]), test=np.sort(shuffled[:n_test])))
+        splits.append(
+            ClientSplit(train=np.sort(shuffled[n_test:]), test=np.sort(shuffled[:n_test]))
+        )
     return splits

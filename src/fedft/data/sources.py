@@ -46,7 +46,9 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
         if path.exists():
             raw = _local(path, cfg, seed)
         elif _looks_like_path(cfg.source):
-            raise DataError(f"data path {cfg.source} does not exist; give a csv/jsonl/parquet file or a folder holding train.* (and test.*)")
+            raise DataError(
+                f"data path {cfg.source} does not exist; give a csv/jsonl/parquet file or a folder holding train.* (and test.*)"
+            )
         else:
             raw = _hub(cfg, seed)
     return _subset(raw, cfg, seed)
@@ -60,7 +62,9 @@ def _demo() -> RawData:
     train, test = demo_splits()
 
     def to_ds(rows: list[tuple[str, int]]) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
+        return datasets.Dataset.from_dict(
+            {"text": [t for t, _ in rows], "label": [y for _, y in rows]}
+        )
 
     return RawData("text", to_ds(train), to_ds(test), list(LABEL_NAMES), "demo")
 
@@ -103,7 +107,11 @@ def _local(path: Path, cfg: DataConfig, seed: int) -> RawData:
     else:
         split = train.train_test_split(test_size=cfg.test_fraction, seed=seed)
         train, test = split["train"], split["test"]
-    names = [line.strip() for line in labels_txt.read_text().splitlines() if line.strip()] if labels_txt.is_file() else None
+    names = (
+        [line.strip() for line in labels_txt.read_text().splitlines() if line.strip()]
+        if labels_txt.is_file()
+        else None
+    )
     return _normalise(train, test, cfg, names, origin=str(path))
 
 
@@ -117,7 +125,9 @@ def _hub(cfg: DataConfig, seed: int) -> RawData:
         ) from exc
     splits = list(loaded.keys())
     if "train" not in loaded:
-        raise DataError(f"hub dataset '{cfg.source}' has no train split (it has {', '.join(splits)})")
+        raise DataError(
+            f"hub dataset '{cfg.source}' has no train split (it has {', '.join(splits)})"
+        )
     test_name = next((s for s in TEST_STEMS if s in loaded), None)
     train = loaded["train"]
     if test_name is None:
@@ -158,7 +168,9 @@ def _normalise(
             f"{origin}: no text column '{cfg.text_column}' (columns: {', '.join(train.column_names[:8])}); set data.text_column"
         )
     if kind == "text" and cfg.text_column not in test.column_names:
-        raise DataError(f"{origin}: test split has no text column '{cfg.text_column}'; set data.text_column")
+        raise DataError(
+            f"{origin}: test split has no text column '{cfg.text_column}'; set data.text_column"
+        )
 
     train_labels = list(train[cfg.label_column])
     test_labels = list(test[cfg.label_column])
@@ -167,7 +179,9 @@ def _normalise(
         index = {name: i for i, name in enumerate(vocab)}
         unknown = sorted({str(y) for y in test_labels + train_labels} - set(index))
         if unknown:
-            raise DataError(f"{origin}: labels {unknown[:5]} are not among the classes {vocab[:10]}")
+            raise DataError(
+                f"{origin}: labels {unknown[:5]} are not among the classes {vocab[:10]}"
+            )
         train_ids = [index[str(y)] for y in train_labels]
         test_ids = [index[str(y)] for y in test_labels]
         label_names = vocab
@@ -176,7 +190,9 @@ def _normalise(
             train_ids = [int(y) for y in train_labels]
             test_ids = [int(y) for y in test_labels]
         except (TypeError, ValueError) as exc:
-            raise DataError(f"{origin}: label column '{cfg.label_column}' holds values that are not class ids: {exc}") from exc
+            raise DataError(
+                f"{origin}: label column '{cfg.label_column}' holds values that are not class ids: {exc}"
+            ) from exc
         num = len(label_names) if label_names else max(train_ids) + 1
         for split_name, ids in (("train", train_ids), ("test", test_ids)):
             bad = next(((i, y) for i, y in enumerate(ids) if not 0 <= y < num), None)
@@ -187,7 +203,9 @@ def _normalise(
                 )
         label_names = label_names or [str(i) for i in range(num)]
     if len(label_names) < 2:
-        raise DataError(f"{origin}: classification needs at least 2 classes, found {len(label_names)}")
+        raise DataError(
+            f"{origin}: classification needs at least 2 classes, found {len(label_names)}"
+        )
 
     def rebuild(ds: datasets.Dataset, ids: list[int]) -> datasets.Dataset:
         if kind == "text":
@@ -195,11 +213,15 @@ def _normalise(
             return datasets.Dataset.from_dict({"text": texts, "label": ids})
         cols = _pixel_columns(ds, cfg.label_column)
         if len(cols) != len(pixel_cols):
-            raise DataError(f"{origin}: train has {len(pixel_cols)} pixel columns, test has {len(cols)}")
+            raise DataError(
+                f"{origin}: train has {len(pixel_cols)} pixel columns, test has {len(cols)}"
+            )
         pixels = np.stack([np.asarray(ds[c], dtype=np.float32) for c in pixel_cols], axis=1)
         return datasets.Dataset.from_dict({"pixels": pixels.tolist(), "label": ids})
 
-    return RawData(kind, rebuild(train, train_ids), rebuild(test, test_ids), list(label_names), origin)
+    return RawData(
+        kind, rebuild(train, train_ids), rebuild(test, test_ids), list(label_names), origin
+    )
 
 
 def _subset(raw: RawData, cfg: DataConfig, seed: int) -> RawData:
@@ -208,4 +230,10 @@ def _subset(raw: RawData, cfg: DataConfig, seed: int) -> RawData:
             return ds
         return ds.shuffle(seed=seed).select(range(n))
 
-    return RawData(raw.kind, take(raw.train, cfg.max_train_samples), take(raw.test, cfg.max_test_samples), raw.label_names, raw.origin)
+    return RawData(
+        raw.kind,
+        take(raw.train, cfg.max_train_samples),
+        take(raw.test, cfg.max_test_samples),
+        raw.label_names,
+        raw.origin,
+    )

@@ -52,7 +52,10 @@ class ServerOptimizer:
             else:  # fedadam
                 b1, b2, eps = self.cfg.server_momentum, self.cfg.server_beta2, self.cfg.server_eps
                 m = b1 * self.state.get(f"m.{name}", torch.zeros_like(delta)) + (1 - b1) * delta
-                v = b2 * self.state.get(f"v.{name}", torch.zeros_like(delta)) + (1 - b2) * delta * delta
+                v = (
+                    b2 * self.state.get(f"v.{name}", torch.zeros_like(delta))
+                    + (1 - b2) * delta * delta
+                )
                 self.state[f"m.{name}"], self.state[f"v.{name}"] = m, v
                 update = m / (v.sqrt() + eps)
             new[name] = (value.to(torch.float32) + lr * update).to(value.dtype)

@@ -57,7 +57,14 @@ Handler = Callable[[ClientContext, Payload], Payload]
 class ClientRuntime:
     """One process's clients: the shared model, the data, and each client's lasting state."""
 
-    def __init__(self, method: Method, model: TaskModel, data: FederatedData, cfg: RunConfig, device: torch.device):
+    def __init__(
+        self,
+        method: Method,
+        model: TaskModel,
+        data: FederatedData,
+        cfg: RunConfig,
+        device: torch.device,
+    ):
         self.method = method
         self.model = model
         self.data = data
@@ -70,7 +77,9 @@ class ClientRuntime:
     def handle(self, message: Message) -> Payload:
         handler = self.handlers.get(message.kind)
         if handler is None:
-            raise ValueError(f"method '{self.method.name}' has no client handler for '{message.kind}'")
+            raise ValueError(
+                f"method '{self.method.name}' has no client handler for '{message.kind}'"
+            )
         ctx = ClientContext(
             client=message.client,
             round=message.round,

@@ -45,7 +45,9 @@ class Task:
     @property
     def trainable_bytes(self) -> int:
         params = dict(self.model.named_parameters())
-        return sum(params[n].numel() * params[n].element_size() for n in self.method.trainable_names)
+        return sum(
+            params[n].numel() * params[n].element_size() for n in self.method.trainable_names
+        )
 
 
 def build_task(cfg: RunConfig) -> Task:
@@ -100,7 +102,10 @@ def round_line(
     trainable_params: int,
 ) -> dict[str, Any]:
     ok = [r for r in replies if r.ok]
-    round_bytes = sum(r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_down + r.cost.scalar_bytes_up for r in replies)
+    round_bytes = sum(
+        r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_down + r.cost.scalar_bytes_up
+        for r in replies
+    )
     totals.bytes += round_bytes
     peak_rss = max((r.cost.peak_rss_bytes for r in replies), default=0)
     peak_cuda = max((r.cost.peak_cuda_bytes for r in replies), default=0)
@@ -153,7 +158,9 @@ def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) 
     """Each client scores the final global model on its local test rows (non-IID shows here)."""
     state = server.model_state()
     clients = [c for c in range(task.cfg.federation.clients) if len(task.data.clients[c].test) > 0]
-    replies = grid.exchange([Message(c, "evaluate", Payload(dict(state)), round_number) for c in clients])
+    replies = grid.exchange(
+        [Message(c, "evaluate", Payload(dict(state)), round_number) for c in clients]
+    )
     ok = [r for r in replies if r.ok]
     if not ok:
         return {}
@@ -164,11 +171,16 @@ def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) 
         "weighted_accuracy": sum(a * w for a, w in zip(accs, weights, strict=True)) / sum(weights),
         "min_accuracy": min(accs),
         "max_accuracy": max(accs),
-        "bytes": sum(r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_up + r.cost.scalar_bytes_down for r in replies),
+        "bytes": sum(
+            r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_up + r.cost.scalar_bytes_down
+            for r in replies
+        ),
     }
 
 
-def make_summary(task: Task, run_dir: Path, totals: Totals, client_eval: dict[str, Any]) -> dict[str, Any]:
+def make_summary(
+    task: Task, run_dir: Path, totals: Totals, client_eval: dict[str, Any]
+) -> dict[str, Any]:
     history = totals.history
     evals = [m for m in history if m.get("test_accuracy") is not None]
     best = max(evals, key=lambda m: m["test_accuracy"]) if evals else None
@@ -201,7 +213,9 @@ def make_summary(task: Task, run_dir: Path, totals: Totals, client_eval: dict[st
     }
 
 
-def run_federation(task: Task, run_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def run_federation(
+    task: Task, run_dir: Path, resume: bool = False, progress: Progress | None = None
+) -> dict[str, Any]:
     """Run (or continue) the rounds; writes metrics, checkpoint, summary and plot into `run_dir`."""
     cfg = task.cfg
     server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
@@ -223,8 +237,12 @@ def run_federation(task: Task, run_dir: Path, resume: bool = False, progress: Pr
             clients = sample_clients(cfg.federation, cfg.seed, round_number)
             outcome = server.run_round(round_number, grid, clients)
             round_seconds = time.perf_counter() - started
-            line = round_line(round_number, outcome.replies, outcome.metrics, totals, task.trainable_params)
-            line["server_seconds"] = max(0.0, round_seconds - sum(r.cost.seconds for r in outcome.replies))
+            line = round_line(
+                round_number, outcome.replies, outcome.metrics, totals, task.trainable_params
+            )
+            line["server_seconds"] = max(
+                0.0, round_seconds - sum(r.cost.seconds for r in outcome.replies)
+            )
             eval_seconds = 0.0
             if round_number % cfg.federation.eval_every == 0 or round_number == rounds:
                 eval_start = time.perf_counter()
@@ -246,7 +264,11 @@ def run_federation(task: Task, run_dir: Path, resume: bool = False, progress: Pr
             progress.close()
     summary = make_summary(task, run_dir, totals, client_eval)
     rundir.write_summary(run_dir, summary)
-    plot_accuracy(totals.history, run_dir / rundir.PLOT, f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)")
+    plot_accuracy(
+        totals.history,
+        run_dir / rundir.PLOT,
+        f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)",
+    )
     return summary
 
 

@@ -34,15 +34,26 @@ class LocalGrid:
     def exchange(self, messages: list[Message]) -> list[Reply]:
         replies = []
         for message in messages:
-            cost = ClientCost(bytes_down=message.payload.tensor_bytes, scalar_bytes_down=message.payload.scalar_bytes)
+            cost = ClientCost(
+                bytes_down=message.payload.tensor_bytes,
+                scalar_bytes_down=message.payload.scalar_bytes,
+            )
             payload, error = None, None
             with measure(self.device) as m:
                 try:
                     payload = self.runtime.handle(message)
-                except Exception as exc:  # a failing client is recorded and left out, the run goes on
+                except (
+                    Exception
+                ) as exc:  # a failing client is recorded and left out, the run goes on
                     error = f"{type(exc).__name__}: {exc}"
-                    log.warning("client %d failed in round %d: %s", message.client, message.round, error)
-            cost.seconds, cost.peak_rss_bytes, cost.peak_cuda_bytes = m.seconds, m.peak_rss_bytes, m.peak_cuda_bytes
+                    log.warning(
+                        "client %d failed in round %d: %s", message.client, message.round, error
+                    )
+            cost.seconds, cost.peak_rss_bytes, cost.peak_cuda_bytes = (
+                m.seconds,
+                m.peak_rss_bytes,
+                m.peak_cuda_bytes,
+            )
             if payload is not None:
                 cost.bytes_up, cost.scalar_bytes_up = payload.tensor_bytes, payload.scalar_bytes
             reply = Reply(message.client, message.kind, payload, error, cost)

@@ -25,7 +25,10 @@ class Payload:
 
     @property
     def scalar_bytes(self) -> int:
-        return sum(len(v.encode()) if isinstance(v, str) else SCALAR_NUMBER_BYTES for v in self.scalars.values())
+        return sum(
+            len(v.encode()) if isinstance(v, str) else SCALAR_NUMBER_BYTES
+            for v in self.scalars.values()
+        )
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,11 @@ from fedft.config import FederationConfig
 
 
 def clients_per_round(cfg: FederationConfig) -> int:
-    k = cfg.sample_count if cfg.sample_count is not None else math.ceil(cfg.sample_fraction * cfg.clients)
+    k = (
+        cfg.sample_count
+        if cfg.sample_count is not None
+        else math.ceil(cfg.sample_fraction * cfg.clients)
+    )
     return max(1, min(cfg.clients, k))
 
 

@@ -42,7 +42,9 @@ class Server:
         return {f"global.{k}": v for k, v in self.global_state.items()}, {}
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
-        self.global_state = {k.removeprefix("global."): v for k, v in tensors.items() if k.startswith("global.")}
+        self.global_state = {
+            k.removeprefix("global."): v for k, v in tensors.items() if k.startswith("global.")
+        }
 
     def require_replies(self, replies: list[Reply], round_number: int) -> list[Reply]:
         ok = [r for r in replies if r.ok]
@@ -61,13 +63,17 @@ class FedAvgServer(Server):
         self.optimizer = ServerOptimizer(cfg.federation)
 
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
-        messages = [Message(c, "train", Payload(dict(self.global_state)), round_number) for c in clients]
+        messages = [
+            Message(c, "train", Payload(dict(self.global_state)), round_number) for c in clients
+        ]
         replies = grid.exchange(messages)
         ok = self.require_replies(replies, round_number)
         weights = [float(r.payload.scalars["num_examples"]) for r in ok]
         aggregate = weighted_mean([r.payload.tensors for r in ok], weights)
         self.global_state = self.optimizer.step(self.global_state, aggregate)
-        train_loss = sum(float(r.payload.scalars["train_loss"]) * w for r, w in zip(ok, weights, strict=True)) / sum(weights)
+        train_loss = sum(
+            float(r.payload.scalars["train_loss"]) * w for r, w in zip(ok, weights, strict=True)
+        ) / sum(weights)
         return RoundOutcome(replies, {"train_loss": train_loss})
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
@@ -78,7 +84,9 @@ class FedAvgServer(Server):
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
         super().load_state_dict(tensors, meta)
-        self.optimizer.state = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
+        self.optimizer.state = {
+            k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")
+        }
         self.optimizer.steps = int(meta.get("optimizer_steps", 0))
 
 

@@ -40,7 +40,11 @@ def write_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def batches(indices: np.ndarray, batch_size: int, generator: torch.Generator, shuffle: bool = True):
-    order = torch.randperm(len(indices), generator=generator).numpy() if shuffle else np.arange(len(indices))
+    order = (
+        torch.randperm(len(indices), generator=generator).numpy()
+        if shuffle
+        else np.arange(len(indices))
+    )
     for start in range(0, len(indices), batch_size):
         yield indices[order[start : start + batch_size]]
 
@@ -52,7 +56,9 @@ class TrainStats:
     mean_loss: float
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, lr: float
+) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -108,7 +114,11 @@ class EvalStats:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, data: TensorData, indices: np.ndarray | None, batch_size: int, device: torch.device
+    model: nn.Module,
+    data: TensorData,
+    indices: np.ndarray | None,
+    batch_size: int,
+    device: torch.device,
 ) -> EvalStats:
     rows = np.arange(len(data)) if indices is None else indices
     if len(rows) == 0:

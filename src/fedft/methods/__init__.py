@@ -39,7 +39,9 @@ def available_methods() -> list[str]:
 def get_method(name: str) -> type[Method]:
     _load_all()
     if name not in _REGISTRY:
-        raise ConfigError(f"method.name: unknown method '{name}'; choose one of: {', '.join(_REGISTRY)}")
+        raise ConfigError(
+            f"method.name: unknown method '{name}'; choose one of: {', '.join(_REGISTRY)}"
+        )
     return _REGISTRY[name]
 
 

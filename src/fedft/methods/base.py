@@ -46,7 +46,9 @@ class Method:
             for item in exc.errors():
                 where = "method." + ".".join(str(p) for p in item["loc"])
                 if item["type"] == "extra_forbidden":
-                    problems.append(f"{where}: not an option of method '{cls.name}' (its options: {allowed})")
+                    problems.append(
+                        f"{where}: not an option of method '{cls.name}' (its options: {allowed})"
+                    )
                 else:
                     problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
             raise ConfigError("; ".join(problems)) from None
@@ -63,7 +65,9 @@ class Method:
         self.attach(model)
         names = self.select_trainable(model)
         if not names:
-            raise ModelError(f"method '{self.name}' found nothing to train in model '{model.source}'")
+            raise ModelError(
+                f"method '{self.name}' found nothing to train in model '{model.source}'"
+            )
         wanted = set(names)
         for pname, param in model.named_parameters():
             param.requires_grad_(pname in wanted)
@@ -80,17 +84,32 @@ class Method:
     def client_train(self, ctx: ClientContext, payload: Payload) -> Payload:
         write_state(ctx.model, payload.tensors)
         stats = train_locally(
-            ctx.model, ctx.trainable, ctx.data.train, ctx.train_rows, ctx.cfg.train, self.lr(ctx.cfg), ctx.seed, ctx.device
+            ctx.model,
+            ctx.trainable,
+            ctx.data.train,
+            ctx.train_rows,
+            ctx.cfg.train,
+            self.lr(ctx.cfg),
+            ctx.seed,
+            ctx.device,
         )
         return Payload(
             read_state(ctx.model, ctx.trainable),
-            {"num_examples": stats.num_examples, "train_loss": stats.mean_loss, "steps": stats.steps},
+            {
+                "num_examples": stats.num_examples,
+                "train_loss": stats.mean_loss,
+                "steps": stats.steps,
+            },
         )
 
     def client_evaluate(self, ctx: ClientContext, payload: Payload) -> Payload:
         write_state(ctx.model, payload.tensors)
-        stats = evaluate(ctx.model, ctx.data.train, ctx.test_rows, ctx.cfg.train.batch_size * 4, ctx.device)
-        return Payload({}, {"num_examples": stats.num_examples, "loss": stats.loss, "accuracy": stats.accuracy})
+        stats = evaluate(
+            ctx.model, ctx.data.train, ctx.test_rows, ctx.cfg.train.batch_size * 4, ctx.device
+        )
+        return Payload(
+            {}, {"num_examples": stats.num_examples, "loss": stats.loss, "accuracy": stats.accuracy}
+        )
 
     # --- server side ---------------------------------------------------------------------------
     def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:

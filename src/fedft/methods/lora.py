@@ -19,11 +19,17 @@ class LoraOptions(BaseModel):
     r: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | None = Field(None, description="module names to adapt (None: the model's query/value projections)")
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt (None: the model's query/value projections)"
+    )
 
 
 def _leaf_names(net: nn.Module) -> set[str]:
-    return {name.split(".")[-1] for name, module in net.named_modules() if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+    return {
+        name.split(".")[-1]
+        for name, module in net.named_modules()
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    }
 
 
 @register
@@ -41,10 +47,14 @@ class Lora(Method):
         if targets is None:
             targets = next((list(t) for t in DEFAULT_TARGETS if set(t) <= leaves), None)
             if targets is None:
-                raise ModelError(f"method 'lora': no query/value projections found in {model.source}; set method.target_modules")
+                raise ModelError(
+                    f"method 'lora': no query/value projections found in {model.source}; set method.target_modules"
+                )
         missing = [t for t in targets if t not in leaves]
         if missing:
-            raise ModelError(f"method 'lora': {model.source} has no linear modules named {missing}; its linear layers are {sorted(leaves)[:12]}")
+            raise ModelError(
+                f"method 'lora': {model.source} has no linear modules named {missing}; its linear layers are {sorted(leaves)[:12]}"
+            )
         config = LoraConfig(
             r=self.options.r,
             lora_alpha=self.options.alpha,

@@ -39,7 +39,14 @@ class PromptTokens(nn.Module):
 
 def _insert_after_first(sequence: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     batch = sequence.shape[0]
-    return torch.cat([sequence[:, :1], tokens.unsqueeze(0).expand(batch, -1, -1).to(sequence.dtype), sequence[:, 1:]], dim=1)
+    return torch.cat(
+        [
+            sequence[:, :1],
+            tokens.unsqueeze(0).expand(batch, -1, -1).to(sequence.dtype),
+            sequence[:, 1:],
+        ],
+        dim=1,
+    )
 
 
 @register
@@ -58,7 +65,9 @@ class PromptTuning(Method):
 
     def _attach_text(self, model: TaskModel, n: int) -> None:
         if self.options.deep:
-            raise ModelError("method 'prompt': deep prompts are for ViT; set method.deep=false for text models")
+            raise ModelError(
+                "method 'prompt': deep prompts are for ViT; set method.deep=false for text models"
+            )
         limit = getattr(model.net.config, "max_position_embeddings", None)
         if limit is not None and model.preprocess.max_length + n > limit:
             raise ModelError(
@@ -91,7 +100,9 @@ class PromptTuning(Method):
         depth = len(blocks) if self.options.deep else 1
         prompt = PromptTokens(depth, n, model.hidden_size())
         model.add_module("prompt", prompt)
-        embeddings.register_forward_hook(lambda _m, _i, out: _insert_after_first(out, prompt.tokens[0]))
+        embeddings.register_forward_hook(
+            lambda _m, _i, out: _insert_after_first(out, prompt.tokens[0])
+        )
         if not self.options.deep:
             return
         for index in range(1, len(blocks)):

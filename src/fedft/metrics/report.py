@@ -34,7 +34,12 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("client peak CUDA memory", f"{summary['client_peak_cuda_mb']:.0f} MB"))
     ce = summary.get("client_eval") or {}
     if ce:
-        rows.append(("clients' local test accuracy", f"{_pct(ce['weighted_accuracy'])} (worst client {_pct(ce['min_accuracy'])})"))
+        rows.append(
+            (
+                "clients' local test accuracy",
+                f"{_pct(ce['weighted_accuracy'])} (worst client {_pct(ce['min_accuracy'])})",
+            )
+        )
     if summary.get("failed_client_updates"):
         rows.append(("failed client updates", str(summary["failed_client_updates"])))
     return rows

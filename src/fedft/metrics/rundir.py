@@ -42,7 +42,9 @@ def choose_run_dir(output_dir: str, name: str | None, default_name: str, overwri
     if name is not None:
         path = root / name
         if path.exists() and not overwrite:
-            raise FedftError(f"run folder {path} exists; pass --overwrite to replace it, --resume {path} to continue it, or pick another --name")
+            raise FedftError(
+                f"run folder {path} exists; pass --overwrite to replace it, --resume {path} to continue it, or pick another --name"
+            )
         return path
     path = root / default_name
     number = 2
@@ -82,14 +84,20 @@ def truncate_metrics(path: Path, last_round: int) -> list[dict[str, Any]]:
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     tmp = path / f".{CHECKPOINT}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fedft": json.dumps(meta)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"fedft": json.dumps(meta)},
+    )
     os.replace(tmp, path / CHECKPOINT)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     file = path / CHECKPOINT
     if not file.exists():
-        raise FedftError(f"{path} has no {CHECKPOINT}; it is not a fedft run folder or it stopped before its first round")
+        raise FedftError(
+            f"{path} has no {CHECKPOINT}; it is not a fedft run folder or it stopped before its first round"
+        )
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as fh:

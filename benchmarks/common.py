@@ -1,0 +1,92 @@
+"""Shared benchmark plumbing: run fedft jobs in fresh processes, describe the machine, and write
+one section of docs/benchmarks.md without touching the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def machine() -> str:
+    import peft
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (
+        f"{date.today().isoformat()}; {cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    )
+
+
+def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, list[dict]]:
+    """One `fedft run` in its own process (so memory is its own); returns summary and metrics."""
+    args = [
+        sys.executable,
+        "-m",
+        "fedft",
+        "run",
+        "--name",
+        name,
+        "--overwrite",
+        "--quiet",
+        "--set",
+        f"output_dir={out_dir}",
+    ]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    print(f"[bench] {name}: {' '.join(f'{k}={v}' for k, v in sets.items())}", flush=True)
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"[bench] {name} failed:\n{done.stderr[-2000:]}")
+    run_dir = out_dir / name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    print(
+        f"[bench] {name}: accuracy {summary['final_accuracy']:.4f}, {summary['seconds']:.0f} s",
+        flush=True,
+    )
+    return summary, metrics
+
+
+def median_round_seconds(metrics: list[dict]) -> float:
+    return statistics.median(m["round_seconds"] for m in metrics)
+
+
+def write_section(section: str, body: str) -> None:
+    """Replace (or append) the block between this section's markers in docs/benchmarks.md."""
+    start, end = f"<!-- section:{section} -->", f"<!-- /section:{section} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = (
+        DOC.read_text()
+        if DOC.exists()
+        else "# Benchmarks\n\nMeasured by `python benchmarks/run.py` (see each section for its setup).\n"
+    )
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)

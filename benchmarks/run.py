@@ -1,0 +1,29 @@
+"""Run the benchmarks and write docs/benchmarks.md: `python benchmarks/run.py [section ...]`."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import methods_sst2  # noqa: E402
+
+SECTIONS = {"methods": methods_sst2.run}
+
+
+def main(argv: list[str]) -> int:
+    chosen = argv or list(SECTIONS)
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        print(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="fedft-bench-") as tmp:
+        for name in chosen:
+            print(SECTIONS[name](Path(tmp) / name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

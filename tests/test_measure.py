@@ -1,0 +1,24 @@
+import torch
+
+from fedft.federation.payload import Payload
+from fedft.metrics.measure import measure
+
+
+def test_payload_bytes_come_from_the_tensors_and_scalars():
+    p = Payload(
+        {"a": torch.zeros(10, 3), "b": torch.zeros(4, dtype=torch.float16)},
+        {"n": 5, "loss": 0.1, "tag": "abc"},
+    )
+    assert p.tensor_bytes == 10 * 3 * 4 + 4 * 2
+    assert p.scalar_bytes == 8 + 8 + 3
+    assert p.nbytes == p.tensor_bytes + p.scalar_bytes
+
+
+def test_peak_memory_is_per_measurement_not_lifetime():
+    with measure() as big:
+        block = torch.ones(300 * 1024 * 1024 // 4)  # 300 MB, touched
+        del block
+    with measure() as small:
+        torch.ones(10)
+    assert big.peak_rss_bytes - small.peak_rss_bytes > 250 * 1024 * 1024
+    assert big.seconds > 0
