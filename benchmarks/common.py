@@ -90,3 +90,25 @@ def write_section(section: str, body: str) -> None:
     )
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def plot_accuracy_vs_mb(curves: dict[str, list[dict]], out: Path, title: str) -> None:
+    """One line per run: global test accuracy against cumulative MB sent (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, metrics in curves.items():
+        points = [m for m in metrics if m.get("test_accuracy") is not None]
+        ax.plot([m["total_mb"] for m in points], [100 * m["test_accuracy"] for m in points], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative MB sent, up + down (log scale)")
+    ax.set_ylabel("global test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import SHARED, machine, median_round_seconds, run_job, write_section
+from common import DOC, SHARED, machine, median_round_seconds, plot_accuracy_vs_mb, run_job, write_section
 
 METHODS = ["full", "head", "bias", "adapter", "prompt", "lora"]
 COMMON = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -19,9 +18,9 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="fedft-bench-") as tmp:
-        for name in chosen:
-            print(SECTIONS[name](Path(tmp) / name))
+    runs = Path(__file__).resolve().parents[1] / "runs" / "bench"  # kept for inspection; git ignores runs/
+    for name in chosen:
+        print(SECTIONS[name](runs / name))
     return 0
 
 

@@ -5,7 +5,6 @@ Everything that can be wrong with the input is found in `build_task`, before any
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,13 +263,7 @@ def run_federation(
             progress.close()
     summary = make_summary(task, run_dir, totals, client_eval)
     rundir.write_summary(run_dir, summary)
-    plot_accuracy(
-        totals.history,
-        run_dir / rundir.PLOT,
-        f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)",
-    )
+    title = f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)"
+    plot_accuracy(totals.history, run_dir / rundir.PLOT, title, chance=1 / task.data.num_labels)
     return summary
 
-
-def chance_accuracy(task: Task) -> float:
-    return 1.0 / task.data.num_labels if task.data.num_labels else math.nan

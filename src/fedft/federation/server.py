@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fedft.config import RunConfig
 from fedft.errors import RunStopped
 from fedft.federation.aggregation import ServerOptimizer, Tensors, weighted_mean
@@ -89,6 +87,3 @@ class FedAvgServer(Server):
         }
         self.optimizer.steps = int(meta.get("optimizer_steps", 0))
 
-
-def to_cpu(tensors: dict[str, torch.Tensor]) -> Tensors:
-    return {k: v.detach().cpu() for k, v in tensors.items()}

@@ -9,9 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def plot_accuracy(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+def plot_accuracy(metrics: list[dict[str, Any]], out: Path, title: str, chance: float | None = None) -> Path | None:
     points = [m for m in metrics if m.get("test_accuracy") is not None]
     if not points:
         return None
@@ -24,8 +25,13 @@ def plot_accuracy(metrics: list[dict[str, Any]], out: Path, title: str) -> Path 
     left.set_ylabel("global test accuracy (%)")
     right.plot(mb, acc, marker="o", color="tab:orange")
     right.set_xlabel("cumulative MB sent (up + down)")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    if chance is not None:
+        left.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
