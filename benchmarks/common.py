@@ -102,7 +102,12 @@ def plot_accuracy_vs_mb(curves: dict[str, list[dict]], out: Path, title: str) ->
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for label, metrics in curves.items():
         points = [m for m in metrics if m.get("test_accuracy") is not None]
-        ax.plot([m["total_mb"] for m in points], [100 * m["test_accuracy"] for m in points], marker="o", label=label)
+        ax.plot(
+            [m["total_mb"] for m in points],
+            [100 * m["test_accuracy"] for m in points],
+            marker="o",
+            label=label,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("cumulative MB sent, up + down (log scale)")
     ax.set_ylabel("global test accuracy (%)")

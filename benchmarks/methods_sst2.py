@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import DOC, SHARED, machine, median_round_seconds, plot_accuracy_vs_mb, run_job, write_section
+from common import (
+    DOC,
+    SHARED,
+    machine,
+    median_round_seconds,
+    plot_accuracy_vs_mb,
+    run_job,
+    write_section,
+)
 
 METHODS = ["full", "head", "bias", "adapter", "prompt", "lora"]
 COMMON = {
@@ -75,7 +83,15 @@ def run(out_dir: Path) -> str:
             f"{s['trainable_params']:,} | {up / 1e6:.3f} MB | {100 * up / full_up:.2f}% | {s['total_mb']:.1f} | "
             f"{s['client_peak_rss_mb']:.0f} MB | {median_round_seconds(metrics):.1f} |"
         )
+    plot = DOC.parent / "benchmarks_methods_sst2.png"
+    plot_accuracy_vs_mb(
+        {m: metrics for m, _, _, metrics in rows},
+        plot,
+        "SST-2, MiniLM: accuracy against bytes sent",
+    )
     lines += [
+        "",
+        f"![accuracy against MB sent]({plot.name})",
         "",
         "Regenerate with `python benchmarks/run.py methods` (about 15 minutes on 2 CPU cores).",
     ]

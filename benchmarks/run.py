@@ -18,7 +18,9 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    runs = Path(__file__).resolve().parents[1] / "runs" / "bench"  # kept for inspection; git ignores runs/
+    runs = (
+        Path(__file__).resolve().parents[1] / "runs" / "bench"
+    )  # kept for inspection; git ignores runs/
     for name in chosen:
         print(SECTIONS[name](runs / name))
     return 0

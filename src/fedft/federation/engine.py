@@ -266,4 +266,3 @@ def run_federation(
     title = f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)"
     plot_accuracy(totals.history, run_dir / rundir.PLOT, title, chance=1 / task.data.num_labels)
     return summary
-

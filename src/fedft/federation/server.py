@@ -86,4 +86,3 @@ class FedAvgServer(Server):
             k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")
         }
         self.optimizer.steps = int(meta.get("optimizer_steps", 0))
-

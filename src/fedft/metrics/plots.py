@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def plot_accuracy(metrics: list[dict[str, Any]], out: Path, title: str, chance: float | None = None) -> Path | None:
+def plot_accuracy(
+    metrics: list[dict[str, Any]], out: Path, title: str, chance: float | None = None
+) -> Path | None:
     points = [m for m in metrics if m.get("test_accuracy") is not None]
     if not points:
         return None
