@@ -16,14 +16,11 @@ def test_demo_is_deterministic_balanced_and_varied():
     train, test = demo_splits()
     assert demo_splits() == (train, test)
     labels = [y for _, y in train]
-    assert (
-        sorted(set(labels)) == [0, 1, 2, 3]
-        and max(labels.count(k) for k in range(4)) == len(train) // 4
-    )
-    assert len({t for t, _ in train}) > 0.9 * len(train)  # few repeated sentences
-    assert not {t for t, _ in train} & {t for t, _ in test} or len(
-        {t for t, _ in train} & {t for t, _ in test}
-    ) < 0.05 * len(test)
+    assert sorted(set(labels)) == list(range(8))
+    assert all(labels.count(k) == len(train) // 8 for k in range(8))
+    train_texts, test_texts = {t for t, _ in train}, {t for t, _ in test}
+    assert len(train_texts) > 0.9 * len(train)  # few repeated sentences
+    assert len(train_texts & test_texts) < 0.05 * len(test)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -49,7 +49,7 @@ def test_lora_on_minilm_learns_the_demo_task(tmp_path: Path):
     run_dir = tmp_path / "runs" / "minilm"
     rundir.start_run_dir(run_dir, "{}", overwrite=False)
     summary = run_federation(task, run_dir)
-    assert summary["final_accuracy"] > 0.6  # chance is 0.25
+    assert summary["final_accuracy"] > 0.3  # chance is 1/8
     assert summary["bytes_up_per_client_per_round"] == task.trainable_bytes
 
 

@@ -1,17 +1,19 @@
-"""The built-in demo set: a deterministic 4-class topic classification task generated from templates.
+"""The built-in demo set: a deterministic 8-class task (4 topics x positive/negative) from templates.
 
 It exists so that `fedft run` works offline on a fresh machine. It is made to be learnable by a
 pretrained encoder in a few CPU minutes but not by keyword lookup alone: every sentence mixes
-topic words with neutral filler and, often, a distractor from another topic, so a model must
-weigh the evidence. Under a skewed (Dirichlet) partition each client sees mostly one or two topics,
-which is where federated averaging visibly matters.
+topic words with neutral filler and, often, a distractor from another topic, and its tone is
+sometimes carried by a negation ("not bad", "far from great"), so a model must weigh the whole
+sentence. With 8 classes, a skewed (Dirichlet) partition leaves each client with only a few of
+them, which is where federated averaging visibly matters.
 """
 
 from __future__ import annotations
 
 import random
 
-LABEL_NAMES = ["sports", "science", "food", "travel"]
+TOPICS = ["sports", "science", "food", "travel"]
+LABEL_NAMES = [f"{topic}-{tone}" for topic in TOPICS for tone in ("negative", "positive")]
 
 _TOPIC_WORDS: dict[str, dict[str, list[str]]] = {
     "sports": {
@@ -234,18 +236,58 @@ _NEUTRAL_CLOSERS = [
 ]
 
 
+_POSITIVE = [
+    "wonderful",
+    "brilliant",
+    "a delight",
+    "superb",
+    "a real triumph",
+    "lovely",
+    "impressive",
+    "great fun",
+]
+_NEGATIVE = [
+    "dreadful",
+    "a disaster",
+    "boring",
+    "awful",
+    "a huge letdown",
+    "terrible",
+    "disappointing",
+    "a mess",
+]
+_TONE_FRAMES = [
+    "and it was {}",
+    "which felt {}",
+    "and honestly it was {}",
+    "; critics called it {}",
+    "- simply {}",
+]
+
+
+def _tone(rng: random.Random, positive: bool) -> str:
+    # One time in four the tone comes through negating the opposite word.
+    if rng.random() < 0.25:
+        word = rng.choice(_NEGATIVE if positive else _POSITIVE)
+        return rng.choice(_TONE_FRAMES).format(
+            rng.choice(["not ", "far from ", "anything but "]) + word
+        )
+    return rng.choice(_TONE_FRAMES).format(rng.choice(_POSITIVE if positive else _NEGATIVE))
+
+
 def _sentence(rng: random.Random, label: int) -> str:
-    words = _TOPIC_WORDS[LABEL_NAMES[label]]
+    topic, positive = divmod(label, 2)
+    words = _TOPIC_WORDS[TOPICS[topic]]
     parts = [rng.choice(words["subject"]), rng.choice(words["verb"]), rng.choice(words["object"])]
     # A distractor: one slot taken from another topic, so no single word decides the class.
     if rng.random() < 0.45:
-        other = LABEL_NAMES[rng.choice([i for i in range(len(LABEL_NAMES)) if i != label])]
+        other = TOPICS[rng.choice([i for i in range(len(TOPICS)) if i != topic])]
         slot = rng.choice(["subject", "object"])
         parts[0 if slot == "subject" else 2] = rng.choice(_TOPIC_WORDS[other][slot])
     place = rng.choice(words["place"]) if rng.random() < 0.6 else ""
     opener = rng.choice(_NEUTRAL_OPENERS) + "," if rng.random() < 0.5 else ""
-    closer = rng.choice(_NEUTRAL_CLOSERS)
-    text = " ".join(p for p in [opener, *parts, place, closer] if p)
+    closer = rng.choice(_NEUTRAL_CLOSERS) if rng.random() < 0.4 else ""
+    text = " ".join(p for p in [opener, *parts, place, closer, _tone(rng, bool(positive))] if p)
     return text[0].upper() + text[1:] + "."
 
 
