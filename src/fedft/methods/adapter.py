@@ -73,5 +73,4 @@ class BottleneckAdapter(Method):
             projection.register_forward_hook(lambda _mod, _inp, out, adapter=adapter: adapter(out))
 
     def select_trainable(self, model: TaskModel) -> list[str]:
-        head = set(model.head_parameter_names())
-        return [n for n, _ in model.named_parameters() if ".adapter." in n or n in head]
+        return self.plus_head(model, lambda n: ".adapter." in n)

@@ -8,6 +8,7 @@ tensors and a weighted mean on the server. Method code never imports an engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -59,6 +60,12 @@ class Method:
 
     def select_trainable(self, model: TaskModel) -> list[str]:
         raise NotImplementedError
+
+    @staticmethod
+    def plus_head(model: TaskModel, own: Callable[[str], bool]) -> list[str]:
+        """The method's own parameters (those `own` accepts) and the task head, in model order."""
+        head = set(model.head_parameter_names())
+        return [n for n, _ in model.named_parameters() if own(n) or n in head]
 
     def prepare(self, model: TaskModel) -> list[str]:
         """Attach, then freeze everything but the method's parameters; returns their names."""

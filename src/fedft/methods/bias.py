@@ -12,5 +12,4 @@ class BiasOnly(Method):
     default_lr = 5e-3
 
     def select_trainable(self, model: TaskModel) -> list[str]:
-        head = set(model.head_parameter_names())
-        return [n for n, _ in model.named_parameters() if n.endswith(".bias") or n in head]
+        return self.plus_head(model, lambda n: n.endswith(".bias"))

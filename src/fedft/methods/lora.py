@@ -65,5 +65,4 @@ class Lora(Method):
         inject_adapter_in_model(config, model.net)
 
     def select_trainable(self, model: TaskModel) -> list[str]:
-        head = set(model.head_parameter_names())
-        return [n for n, _ in model.named_parameters() if ".lora_" in n or n in head]
+        return self.plus_head(model, lambda n: ".lora_" in n)

@@ -119,5 +119,4 @@ class PromptTuning(Method):
             blocks[index].register_forward_pre_hook(replace, with_kwargs=True)
 
     def select_trainable(self, model: TaskModel) -> list[str]:
-        head = set(model.head_parameter_names())
-        return [n for n, _ in model.named_parameters() if n.startswith("prompt.") or n in head]
+        return self.plus_head(model, lambda n: n.startswith("prompt."))
