@@ -35,14 +35,17 @@ def test_registry_has_the_fedpeft_methods():
     assert set(METHODS) <= set(available_methods())
 
 
-@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-vit"])
-@pytest.mark.parametrize("method", METHODS + ["prompt-deep"])
-def test_method_trains_and_leaves_frozen_weights_alone(method: str, model_name: str):
-    options = {}
-    if method == "prompt-deep":
-        if model_name == "tiny-bert":
-            pytest.skip("deep prompts are a ViT option")
-        method, options = "prompt", {"deep": True}
+CASES = [(m, model, {}) for model in ("tiny-bert", "tiny-vit") for m in METHODS] + [
+    ("prompt", "tiny-vit", {"deep": True})
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "model_name", "options"),
+    CASES,
+    ids=lambda c: c if isinstance(c, str) else "deep" if c else "",
+)
+def test_method_trains_and_leaves_frozen_weights_alone(method: str, model_name: str, options: dict):
     model, names = build(method, model_name, **options)
     trainable = set(names)
     assert all(p.requires_grad == (n in trainable) for n, p in model.named_parameters())
