@@ -71,7 +71,10 @@ class DataConfig(Section):
 
 
 class FederationConfig(Section):
-    engine: Literal["local"] = Field("local", description="'local': every client in this process")
+    engine: Literal["local"] = Field(
+        "local",
+        description="'local': every client in this process (Flower runs start with `flwr run`)",
+    )
     clients: int = Field(10, ge=1, description="number of clients")
     rounds: int = Field(8, ge=1, description="federated rounds")
     sample_fraction: float = Field(
@@ -82,6 +85,16 @@ class FederationConfig(Section):
     )
     min_replies: int = Field(
         1, ge=1, description="a round with fewer successful replies stops the run"
+    )
+    reply_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Flower: seconds a round waits for replies; missing ones count as failed",
+    )
+    node_wait: float = Field(
+        120.0,
+        gt=0,
+        description="Flower: seconds the server waits for `clients` SuperNodes to connect",
     )
     eval_every: int = Field(
         1, ge=1, description="evaluate the global model every k rounds (and at the end)"

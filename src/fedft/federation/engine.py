@@ -213,9 +213,16 @@ def make_summary(
 
 
 def run_federation(
-    task: Task, run_dir: Path, resume: bool = False, progress: Progress | None = None
+    task: Task,
+    run_dir: Path,
+    resume: bool = False,
+    progress: Progress | None = None,
+    grid: Grid | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) the rounds; writes metrics, checkpoint, summary and plot into `run_dir`."""
+    """Run (or continue) the rounds; writes metrics, checkpoint, summary and plot into `run_dir`.
+
+    `grid` carries the messages: by default every client runs in this process (the local engine);
+    the Flower adapter passes a grid over a real federation."""
     cfg = task.cfg
     server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
     first_round, history = 1, []
@@ -225,8 +232,9 @@ def run_federation(
         first_round = int(meta["round"]) + 1
         history = rundir.truncate_metrics(run_dir, int(meta["round"]))
     totals = Totals.from_history(history)
-    runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
-    grid = LocalGrid(runtime, task.device, on_reply=progress.client_done if progress else None)
+    if grid is None:
+        runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+        grid = LocalGrid(runtime, task.device, on_reply=progress.client_done if progress else None)
     rounds = cfg.federation.rounds
     if progress:
         progress.start(rounds, first_round, clients_per_round(cfg.federation))
