@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install fedft with its test tools. torch==2.13.0 (CPU build) goes in first so
+# Create .venv and install fedft with its test tools and Flower's simulation engine (Ray). torch==2.13.0 (CPU build) goes in first so
 # that no looser torch requirement pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +9,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,simulation]"

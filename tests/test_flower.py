@@ -122,3 +122,36 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_completes(tmp_path: 
     assert all(m["test_accuracy"] is not None for m in lines)
     summary = json.loads((tmp_path / "runs" / "killed" / rundir.SUMMARY).read_text())
     assert summary["failed_client_updates"] == len(lost)
+
+
+def test_four_clients_on_flowers_simulation_engine(tmp_path: Path):
+    pytest.importorskip(
+        "ray", reason="Flower's simulation engine needs the 'simulation' extra (ray)"
+    )
+    fed = Federation(tmp_path / "fed", simulation=True)
+    try:
+        fed.start_superlink()
+        sets = {
+            **BASE,
+            "federation.clients": 4,
+            "method.name": "lora",
+            "name": "sim",
+            "output_dir": str(tmp_path / "runs"),
+        }
+        run_id = fed.run_app(
+            f'fedft-set="{sets_string(sets)}"',
+            federation_config="num-supernodes=4 client-resources-num-cpus=1",
+        )
+        assert fed.wait(run_id) == "finished:completed", fed.logs(run_id)
+    finally:
+        fed.stop()
+    assert all(p.poll() is not None for p in fed.procs.values())
+    lines = rundir.read_metrics(tmp_path / "runs" / "sim")
+    assert [m["round"] for m in lines] == [1, 2]
+    assert all(m["clients"] == [0, 1, 2, 3] and not m["failed"] for m in lines)
+    local_summary, _ = local_run(tmp_path, {**BASE, "federation.clients": 4, "method.name": "lora"})
+    summary = json.loads((tmp_path / "runs" / "sim" / rundir.SUMMARY).read_text())
+    assert (
+        summary["bytes_up_per_client_per_round"] == local_summary["bytes_up_per_client_per_round"]
+    )
+    assert summary["final_loss"] == pytest.approx(local_summary["final_loss"], rel=1e-4)
