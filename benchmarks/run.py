@@ -8,9 +8,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_noniid  # noqa: E402
+import engines  # noqa: E402
 import methods_sst2  # noqa: E402
 
-SECTIONS = {"methods": methods_sst2.run, "demo": demo_noniid.run}
+SECTIONS = {"methods": methods_sst2.run, "demo": demo_noniid.run, "engines": engines.run}
 
 
 def main(argv: list[str]) -> int:

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_federation import Federation
 
 from fedft.config import build_config
 from fedft.federation.engine import build_task, run_federation
+from fedft.federation.loopback import Federation
 from fedft.metrics import rundir
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,7 @@
-"""Start and stop a real Flower federation on 127.0.0.1 for tests and benchmarks: one SuperLink,
-SuperNodes as asked, `flwr run` of the fedft app; every process is stopped by its PID."""
+"""A real Flower federation on this machine (127.0.0.1): one SuperLink, SuperNodes as asked, and
+`flwr run` of the fedft app, for tests, benchmarks and trying things out. It drives Flower's
+command-line programs as separate processes (it does not import flwr), keeps Flower's state in
+a folder of its own, and stops every process it started by its PID."""
 
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "flower-app"
+APP = Path(__file__).resolve().parents[3] / "flower-app"  # in a source checkout
 BIN = Path(sys.executable).parent
 
 
@@ -115,16 +116,18 @@ class Federation:
         done = self.flwr(*args)
         return int(json.loads(done.stdout)["run-id"])
 
+    def status(self, run_id: int) -> str:
+        """Flower's status of the run, e.g. 'running' or 'finished:completed' ('' if unknown)."""
+        done = self.flwr("ls", "fedft", "--run-id", str(run_id), "--format", "json", check=False)
+        try:
+            return str(json.loads(done.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return ""
+
     def wait(self, run_id: int, timeout: float = 420) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = self.flwr(
-                "ls", "fedft", "--run-id", str(run_id), "--format", "json", check=False
-            )
-            try:
-                status = json.loads(done.stdout)["runs"][0]["status"]
-            except (ValueError, KeyError, IndexError):
-                status = ""
+            status = self.status(run_id)
             if status.startswith("finished"):
                 return status
             time.sleep(1.0)

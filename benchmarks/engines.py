@@ -1,0 +1,130 @@
+"""The same `lora` job on the local engine, on Flower's simulation engine and on a Flower
+deployment on loopback (a SuperLink and one SuperNode per client), measured side by side."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import psutil
+
+from fedft.federation.loopback import Federation
+
+from common import SHARED, machine, run_job, write_section
+
+CLIENTS = 4
+SETS = {
+    "model.name": "minilm",
+    "model.max_length": 48,
+    "data.max_train_samples": 800,
+    "federation.clients": CLIENTS,
+    "federation.rounds": 3,
+    "federation.sample_fraction": 1.0,
+    "data.partition": "dirichlet",
+    "train.batch_size": 16,
+    "method.name": "lora",
+}
+
+
+class TreeMemory:
+    """Peak summed RSS of a set of process trees, sampled while a run goes on."""
+
+    def __init__(self, pids: list[int]):
+        self.pids, self.peak = pids, 0
+
+    def sample(self) -> None:
+        total = 0
+        for pid in self.pids:
+            try:
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak = max(self.peak, total)
+
+
+def flower_job(name: str, out_dir: Path, simulation: bool) -> tuple[dict, float, int]:
+    work = out_dir / f"{name}-federation"
+    shutil.rmtree(work, ignore_errors=True)
+    fed = Federation(work, simulation=simulation)
+    sets = {**SETS, "data.source": str(SHARED / "sst2"), "name": name, "output_dir": str(out_dir)}
+    shutil.rmtree(out_dir / name, ignore_errors=True)
+    print(f"[bench] {name}: Flower {'simulation' if simulation else 'deployment'}", flush=True)
+    try:
+        start = time.perf_counter()
+        fed.start_superlink()
+        if not simulation:
+            for c in range(CLIENTS):
+                fed.start_supernode(f"node{c}", f"partition-id={c} num-partitions={CLIENTS}")
+        memory = TreeMemory([p.pid for p in fed.procs.values()])
+        run_id = fed.run_app(
+            'fedft-set="' + "; ".join(f"{k}={v}" for k, v in sets.items()) + '"',
+            federation_config=f"num-supernodes={CLIENTS} client-resources-num-cpus=1"
+            if simulation
+            else None,
+        )
+        while True:
+            memory.sample()
+            status = fed.status(run_id)
+            if status.startswith("finished"):
+                break
+            time.sleep(0.5)
+        wall = time.perf_counter() - start
+        if status != "finished:completed":
+            raise SystemExit(f"[bench] {name} ended {status}:\n{fed.logs(run_id)[-2000:]}")
+    finally:
+        fed.stop()
+    summary = json.loads((out_dir / name / "summary.json").read_text())
+    print(f"[bench] {name}: accuracy {summary['final_accuracy']:.4f}, {wall:.0f} s", flush=True)
+    return summary, wall, memory.peak
+
+
+def local_job(out_dir: Path) -> tuple[dict, float, int]:
+    start = time.perf_counter()
+    summary, _ = run_job("engines-local", out_dir, {**SETS, "data.source": SHARED / "sst2"})
+    return summary, time.perf_counter() - start, int(summary["client_peak_rss_mb"] * 1e6)
+
+
+def run(out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [
+        ("local (one process)", *local_job(out_dir)),
+        (
+            "Flower simulation (Ray, 4 virtual clients)",
+            *flower_job("engines-simulation", out_dir, simulation=True),
+        ),
+        (
+            "Flower deployment (SuperLink + 4 SuperNodes on 127.0.0.1)",
+            *flower_job("engines-deployment", out_dir, simulation=False),
+        ),
+    ]
+    lines = [
+        "## One job on three engines",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "`lora` on all-MiniLM-L6-v2, 4 clients (Dirichlet 0.5 over an 800-row SST-2 subset), all 4",
+        "clients every round, 3 rounds, 1 local epoch, batch 16; test on the 872-row validation set.",
+        "Wall time runs from start (for Flower: starting the SuperLink) to the end of the run, in one",
+        "run of the benchmark. Peak memory: for the local engine the process's peak RSS; for Flower",
+        "the peak of the summed RSS of every process of the federation (SuperLink, SuperNodes, the",
+        "ServerApp and ClientApp processes, Ray's workers), sampled every 0.5 s. Flower starts a",
+        "ClientApp process per message in a deployment (each loads the model again); the simulation",
+        "reuses Ray workers. Bytes are counted from the tensors in the records sent.",
+        "",
+        "| engine | wall time | peak memory | client step peak RSS | bytes per round (up+down) | final accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, summary, wall, peak in rows:
+        per_round = summary["total_bytes"] / summary["rounds_completed"]
+        lines.append(
+            f"| {label} | {wall:.0f} s | {peak / 1e6:.0f} MB | {summary['client_peak_rss_mb']:.0f} MB | "
+            f"{per_round / 1e6:.2f} MB | {100 * summary['final_accuracy']:.1f}% |"
+        )
+    lines += ["", "Regenerate with `python benchmarks/run.py engines` (about 5 minutes)."]
+    body = "\n".join(lines)
+    write_section("engines", body)
+    return body
