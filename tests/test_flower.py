@@ -155,3 +155,34 @@ def test_four_clients_on_flowers_simulation_engine(tmp_path: Path):
         summary["bytes_up_per_client_per_round"] == local_summary["bytes_up_per_client_per_round"]
     )
     assert summary["final_loss"] == pytest.approx(local_summary["final_loss"], rel=1e-4)
+
+
+def test_too_few_replies_stop_the_flower_run_with_its_checkpoint_intact(tmp_path: Path):
+    fed = Federation(tmp_path / "fed")
+    try:
+        fed.start_superlink()
+        fed.start_supernode("node0", "partition-id=0 num-partitions=2")
+        fed.start_supernode("node1", "partition-id=1 num-partitions=2")
+        sets = {
+            **BASE,
+            "federation.rounds": 3,
+            "federation.min_replies": 2,
+            "federation.reply_timeout": 15,
+            "method.name": "bias",
+            "name": "stopped",
+            "output_dir": str(tmp_path / "runs"),
+        }
+        run_id = fed.run_app(f'fedft-set="{sets_string(sets)}"')
+        run_dir = tmp_path / "runs" / "stopped"
+        deadline = time.monotonic() + 240
+        while not (run_dir / rundir.CHECKPOINT).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        fed.kill("node1")
+        assert fed.wait(run_id) == "finished:failed"
+    finally:
+        fed.stop()
+    message = (run_dir / "stopped.txt").read_text()
+    assert "round 2: only 1 of 2 clients answered, fewer than federation.min_replies=2" in message
+    _, meta = rundir.load_checkpoint(run_dir)
+    assert meta["round"] == 1 and [m["round"] for m in rundir.read_metrics(run_dir)] == [1]
+    assert not (run_dir / rundir.SUMMARY).exists()
