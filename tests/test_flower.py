@@ -89,10 +89,15 @@ def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
 
 
 def test_a_supernode_killed_mid_run_is_recorded_and_the_run_completes(tmp_path: Path):
+    # node0 brings its own dataset (node config data-path); node1 a share of the shared source
+    own = tmp_path / "node0-data"
+    own.mkdir()
+    rows = [f"row {i} about topic {i % 4},{i % 8}" for i in range(60)]
+    (own / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     fed = Federation(tmp_path / "fed")
     try:
         fed.start_superlink()
-        fed.start_supernode("node0", "partition-id=0 num-partitions=2")
+        fed.start_supernode("node0", f'partition-id=0 num-partitions=2 data-path="{own}"')
         fed.start_supernode("node1", "partition-id=1 num-partitions=2")
         sets = {
             **BASE,
@@ -117,6 +122,9 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_completes(tmp_path: 
     lines = rundir.read_metrics(tmp_path / "runs" / "killed")
     assert [m["round"] for m in lines] == [1, 2, 3]
     assert not lines[0]["failed"]
+    node0 = [c for c in lines[0]["per_client"] if c["client"] == 0][0]
+    # its own 60 rows, read like data.source: 20% held out as its test split, then 10% local test
+    assert node0["num_examples"] == 43
     lost = [f for m in lines[1:] for f in m["failed"]]
     assert lost and all(f["client"] == 1 for f in lost)
     assert all(m["test_accuracy"] is not None for m in lines)
