@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -266,6 +267,32 @@ class _PrintProgress:
 
 
 # --- client side --------------------------------------------------------------------------------
+STATE_TENSORS, STATE_SCALARS = "fedft.state.tensors", "fedft.state.scalars"
+
+
+def save_client_state(state: dict[str, Any], records: RecordDict) -> None:
+    """Keep a client's lasting state in Flower's `context.state`: each message starts a new
+    ClientApp process, so memory does not outlive the message. Tensors and scalars persist."""
+    tensors = {k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in state.items() if isinstance(v, int | float | str | bool)}
+    other = sorted(set(state) - set(tensors) - set(scalars))
+    if other:
+        raise TypeError(
+            f"client state {other}: only tensors and scalars persist between Flower messages"
+        )
+    records[STATE_TENSORS] = ArrayRecord(torch_state_dict=tensors)
+    records[STATE_SCALARS] = ConfigRecord(scalars)
+
+
+def load_client_state(records: RecordDict) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if STATE_TENSORS in records:
+        state.update(records[STATE_TENSORS].to_torch_state_dict())
+    if STATE_SCALARS in records:
+        state.update(dict(records[STATE_SCALARS]))
+    return state
+
+
 _RUNTIMES: dict[str, tuple[ClientRuntime, int]] = {}
 
 
@@ -312,8 +339,10 @@ def _reply(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"meta": ConfigRecord({"client": client})}), reply_to=msg)
     runtime, local = _client_runtime(context)
     request = FedftMessage(local, str(meta["kind"]), from_records(msg.content), int(meta["round"]))
+    runtime.states[local] = load_client_state(context.state)
     with measure(runtime.device) as m:
         payload = runtime.handle(request)
+    save_client_state(runtime.states[local], context.state)
     content = to_records(payload, {"client": int(meta["client"])})
     content["cost"] = MetricRecord(
         {
