@@ -40,6 +40,17 @@ def local_run(tmp_path: Path, sets: dict) -> tuple[dict, list[dict]]:
     return summary, rundir.read_metrics(run_dir)
 
 
+def run_and_kill_node1_after_round_one(fed: Federation, sets: dict) -> str:
+    """Start the run, kill SuperNode 'node1' once round 1 is checkpointed, return the end status."""
+    run_id = fed.run_app(f'fedft-set="{sets_string(sets)}"')
+    checkpoint = Path(sets["output_dir"]) / sets["name"] / rundir.CHECKPOINT
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    fed.kill("node1")
+    return fed.wait(run_id)
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     fed = Federation(tmp_path_factory.mktemp("flower"))
@@ -107,15 +118,8 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_completes(tmp_path: 
             "name": "killed",
             "output_dir": str(tmp_path / "runs"),
         }
-        run_id = fed.run_app(f'fedft-set="{sets_string(sets)}"')
-        metrics = tmp_path / "runs" / "killed" / rundir.METRICS
-        deadline = time.monotonic() + 240
-        while (
-            not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline
-        ):
-            time.sleep(0.5)
-        fed.kill("node1")  # after round 1, before the run ends
-        assert fed.wait(run_id) == "finished:completed", fed.logs(run_id)
+        status = run_and_kill_node1_after_round_one(fed, sets)
+        assert status == "finished:completed"
     finally:
         fed.stop()
     assert all(p.poll() is not None for p in fed.procs.values())
@@ -180,13 +184,8 @@ def test_too_few_replies_stop_the_flower_run_with_its_checkpoint_intact(tmp_path
             "name": "stopped",
             "output_dir": str(tmp_path / "runs"),
         }
-        run_id = fed.run_app(f'fedft-set="{sets_string(sets)}"')
         run_dir = tmp_path / "runs" / "stopped"
-        deadline = time.monotonic() + 240
-        while not (run_dir / rundir.CHECKPOINT).exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        fed.kill("node1")
-        assert fed.wait(run_id) == "finished:failed"
+        assert run_and_kill_node1_after_round_one(fed, sets) == "finished:failed"
     finally:
         fed.stop()
     message = (run_dir / "stopped.txt").read_text()
