@@ -59,7 +59,7 @@ class TqdmProgress:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedft.config import build_config, config_to_yaml, validate_config
+    from fedft.config import build_config, validate_config
     from fedft.federation.engine import build_task, run_federation
     from fedft.metrics import rundir
     from fedft.metrics.report import format_summary
@@ -98,13 +98,11 @@ def _run(args: argparse.Namespace) -> int:
             )
         task = build_task(cfg)
         rundir.load_checkpoint(run_dir)  # fails clearly before anything is touched
-        (run_dir / rundir.CONFIG).write_text(config_to_yaml(cfg))
+        rundir.write_config(run_dir, cfg)
     else:
         cfg = build_config(args.config, args.set, base=shortcuts)
         task = build_task(cfg)  # every input check happens here, before any file is written
-        name = rundir.default_run_name(cfg.method.name, cfg.data.source)
-        run_dir = rundir.choose_run_dir(cfg.output_dir, cfg.name, name, args.overwrite)
-        rundir.start_run_dir(run_dir, config_to_yaml(cfg), args.overwrite)
+        run_dir = rundir.new_run_dir(cfg, args.overwrite)
 
     print(
         f"fedft: {cfg.method.name} on {cfg.model.name}, data {cfg.data.source} "

@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid as FlowerGridApi
 from flwr.serverapp import ServerApp
 
-from fedft.config import RunConfig, build_config, config_to_yaml
+from fedft.config import RunConfig, build_config
 from fedft.errors import FedftError, RunStopped
 from fedft.federation.client import ClientRuntime
 from fedft.federation.engine import build_task, run_federation
@@ -222,9 +222,7 @@ def _server_main(grid: FlowerGridApi, context: Context) -> None:
         run_dir = Path(resume)
         rundir.load_checkpoint(run_dir)
     else:
-        name = rundir.default_run_name(cfg.method.name, cfg.data.source) + "-flower"
-        run_dir = rundir.choose_run_dir(cfg.output_dir, cfg.name, name, overwrite=False)
-        rundir.start_run_dir(run_dir, config_to_yaml(cfg), overwrite=False)
+        run_dir = rundir.new_run_dir(cfg, overwrite=False, suffix="-flower")
     print(
         f"fedft: {cfg.method.name} on a Flower federation of {cfg.federation.clients} clients -> {run_dir}",
         flush=True,

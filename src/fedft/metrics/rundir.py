@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedft.config import RunConfig, config_to_yaml
 from fedft.errors import FedftError
 
 CONFIG = "config.yaml"
@@ -59,6 +60,18 @@ def start_run_dir(path: Path, config_yaml: str, overwrite: bool) -> None:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=False)
     _atomic_write_text(path / CONFIG, config_yaml)
+
+
+def new_run_dir(cfg: RunConfig, overwrite: bool, suffix: str = "") -> Path:
+    """Choose, create and fill in the folder of a new run (the resolved config goes in first)."""
+    default = default_run_name(cfg.method.name, cfg.data.source) + suffix
+    path = choose_run_dir(cfg.output_dir, cfg.name, default, overwrite)
+    start_run_dir(path, config_to_yaml(cfg), overwrite)
+    return path
+
+
+def write_config(path: Path, cfg: RunConfig) -> None:
+    _atomic_write_text(path / CONFIG, config_to_yaml(cfg))
 
 
 def append_metrics(path: Path, line: dict[str, Any]) -> None:
