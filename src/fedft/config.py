@@ -128,6 +128,40 @@ class TrainConfig(Section):
     )
 
 
+class PrivacyConfig(Section):
+    mode: Literal["none", "sample"] = Field(
+        "none",
+        description="'none', or 'sample': example-level DP on each client (for zo: noise on the clipped per-example scalar)",
+    )
+    epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="target epsilon per client over the whole run (calibrates the noise)",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="target delta")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="explicit noise multiplier (None: calibrated from epsilon)"
+    )
+    clip: float = Field(
+        1.0,
+        gt=0,
+        description="clipping bound per example (zo: on its projected-gradient scalar)",
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
+    secure_noise: bool = Field(
+        False,
+        description="seed the noise from OS entropy (not reproducible); default: from the run seed",
+    )
+
+    @model_validator(mode="after")
+    def _target_or_noise(self) -> PrivacyConfig:
+        if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                f"privacy.mode={self.mode} needs privacy.epsilon (a target) or privacy.noise_multiplier"
+            )
+        return self
+
+
 class MethodConfig(BaseModel):
     """`name` plus the method's own options, validated by the method plug-in."""
 
@@ -153,6 +187,7 @@ class RunConfig(Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _check_method(self) -> RunConfig:

@@ -23,3 +23,7 @@ class ModelError(FedftError):
 
 class RunStopped(FedftError):
     """The run could not go on (for example too few clients answered); the last checkpoint holds."""
+
+
+class BudgetSpent(RunStopped):
+    """Every client the round needs has spent its privacy budget: the run ends where it is."""

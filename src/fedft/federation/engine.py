@@ -5,6 +5,7 @@ Everything that can be wrong with the input is found in `build_task`, before any
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from fedft.config import RunConfig
 from fedft.data import FederatedData, build_federated_data, load_raw
+from fedft.errors import BudgetSpent, ConfigError
 from fedft.federation.client import ClientRuntime
 from fedft.federation.grid import Grid, LocalGrid
 from fedft.federation.payload import Message, Payload, Reply
@@ -24,8 +26,10 @@ from fedft.methods import Method, get_method
 from fedft.metrics import rundir
 from fedft.metrics.plots import plot_accuracy
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+from fedft.privacy import check_budgets
 
 MB = 1_000_000
+log = logging.getLogger("fedft")
 
 
 @dataclass
@@ -54,10 +58,28 @@ def build_task(cfg: RunConfig) -> Task:
     model = load_task_model(cfg.model.name, raw.num_labels, cfg.model.max_length, cfg.seed)
     data = build_federated_data(cfg, raw, model.preprocess)
     method = get_method(cfg.method.name)(cfg.method_options())
+    method.check_run(cfg)
+    check_privacy(cfg, method, data)
     method.prepare(model)
     device = resolve_device(cfg.device)
     model.to(device)
     return Task(cfg, data, model, method, device)
+
+
+def check_privacy(cfg: RunConfig, method: Method, data: FederatedData) -> None:
+    """Refuse, before anything trains, DP the method lacks or a budget some client cannot meet."""
+    mode = cfg.privacy.mode
+    if mode == "none":
+        return
+    if mode not in method.privacy_modes:
+        from fedft.methods import available_methods, get_method
+
+        having = [m for m in available_methods() if mode in get_method(m).privacy_modes]
+        raise ConfigError(
+            f"privacy.mode={mode}: method '{method.name}' does not offer it; methods that do: "
+            f"{', '.join(having) or 'none'}"
+        )
+    check_budgets(cfg, [len(split.train) for split in data.clients])
 
 
 class Progress(Protocol):
@@ -74,6 +96,7 @@ class Totals:
     peak_rss_bytes: int = 0
     peak_cuda_bytes: int = 0
     failures: int = 0
+    stopped: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -177,6 +200,21 @@ def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) 
     }
 
 
+def privacy_summary(cfg: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if cfg.privacy.mode == "none":
+        return None
+    spent = next(
+        (m["epsilon_per_client"] for m in reversed(history) if "epsilon_per_client" in m), {}
+    )
+    return {
+        "mode": cfg.privacy.mode,
+        "target_epsilon": cfg.privacy.epsilon,
+        "delta": cfg.privacy.delta,
+        "epsilon_max": max(spent.values(), default=0.0),
+        "epsilon_per_client": spent,
+    }
+
+
 def make_summary(
     task: Task, run_dir: Path, totals: Totals, client_eval: dict[str, Any]
 ) -> dict[str, Any]:
@@ -208,6 +246,8 @@ def make_summary(
         "seconds_per_round": totals.elapsed_seconds / len(history) if history else 0.0,
         "client_seconds_per_round": _mean([m["client_seconds_mean"] for m in history]),
         "failed_client_updates": totals.failures,
+        "stopped": totals.stopped,
+        "privacy": privacy_summary(task.cfg, history),
         "client_eval": client_eval,
     }
 
@@ -242,7 +282,12 @@ def run_federation(
         for round_number in range(first_round, rounds + 1):
             started = time.perf_counter()
             clients = sample_clients(cfg.federation, cfg.seed, round_number)
-            outcome = server.run_round(round_number, grid, clients)
+            try:
+                outcome = server.run_round(round_number, grid, clients)
+            except BudgetSpent as exc:
+                log.warning("%s", exc)
+                totals.stopped = str(exc)
+                break
             round_seconds = time.perf_counter() - started
             line = round_line(
                 round_number, outcome.replies, outcome.metrics, totals, task.trainable_params

@@ -6,14 +6,18 @@ mean through a server optimizer). Methods with other rounds subclass `Server`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedft.config import RunConfig
-from fedft.errors import RunStopped
+from fedft.errors import BudgetSpent, RunStopped
 from fedft.federation.aggregation import ServerOptimizer, Tensors, weighted_mean
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload, Reply
+from fedft.privacy.accounting import PrivacyLedger
+
+log = logging.getLogger("fedft")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Server:
     def __init__(self, cfg: RunConfig, initial: Tensors):
         self.cfg = cfg
         self.global_state: Tensors = {k: v.detach().cpu().clone() for k, v in initial.items()}
+        self.privacy = PrivacyLedger(cfg.privacy) if cfg.privacy.mode != "none" else None
 
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         raise NotImplementedError
@@ -37,11 +42,52 @@ class Server:
         return self.global_state
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
-        return {f"global.{k}": v for k, v in self.global_state.items()}, {}
+        meta = {"privacy": self.privacy.state_dict()} if self.privacy else {}
+        return {f"global.{k}": v for k, v in self.global_state.items()}, meta
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
-        self.global_state = {
-            k.removeprefix("global."): v for k, v in tensors.items() if k.startswith("global.")
+        # keep the model's parameter order (a checkpoint file lists names alphabetically)
+        self.global_state = {k: tensors[f"global.{k}"] for k in self.global_state}
+        if self.privacy is not None:
+            self.privacy.load_state_dict(meta.get("privacy", {}))
+
+    # --- privacy budget: every server that trains on client data calls these two ----------------
+    def admit(self, round_number: int, clients: list[int]) -> tuple[list[int], list[int]]:
+        """Split the sampled clients into those whose budget allows this round and those spent."""
+        if self.privacy is None:
+            return clients, []
+        admitted = [c for c in clients if self.privacy.can_afford(c)]
+        spent = [c for c in clients if c not in admitted]
+        if spent:
+            log.warning(
+                "round %d: clients %s have spent their privacy budget and no longer take part",
+                round_number,
+                spent,
+            )
+        if not admitted:
+            raise BudgetSpent(
+                f"round {round_number}: every sampled client has spent its privacy budget "
+                f"(privacy.epsilon={self.cfg.privacy.epsilon}); the run ends at round {round_number - 1}"
+            )
+        return admitted, spent
+
+    def account(self, replies: list[Reply], spent: list[int]) -> dict[str, Any]:
+        """Record the DP steps each client reports; the metrics of what has been spent so far."""
+        if self.privacy is None:
+            return {}
+        for reply in replies:
+            s = reply.payload.scalars
+            self.privacy.record(
+                reply.client,
+                float(s["dp_noise_multiplier"]),
+                float(s["dp_sample_rate"]),
+                int(s["dp_steps"]),
+            )
+        per_client = self.privacy.spent()
+        return {
+            "epsilon_max": max(per_client.values(), default=0.0),
+            "epsilon_per_client": {str(c): e for c, e in per_client.items()},
+            "budget_spent_clients": spent,
         }
 
     def require_replies(self, replies: list[Reply], round_number: int) -> list[Reply]:
@@ -61,6 +107,7 @@ class FedAvgServer(Server):
         self.optimizer = ServerOptimizer(cfg.federation)
 
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
+        clients, spent = self.admit(round_number, clients)
         messages = [
             Message(c, "train", Payload(dict(self.global_state)), round_number) for c in clients
         ]
@@ -72,7 +119,7 @@ class FedAvgServer(Server):
         train_loss = sum(
             float(r.payload.scalars["train_loss"]) * w for r, w in zip(ok, weights, strict=True)
         ) / sum(weights)
-        return RoundOutcome(replies, {"train_loss": train_loss})
+        return RoundOutcome(replies, {"train_loss": train_loss, **self.account(ok, spent)})
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         tensors, meta = super().state_dict()

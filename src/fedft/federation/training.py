@@ -6,6 +6,7 @@ work is the same whichever order clients run in, and a resumed run replays exact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,13 @@ class TrainStats:
     num_examples: int
     steps: int
     mean_loss: float
+
+
+def local_steps(cfg: TrainConfig, rows: int) -> int:
+    """Steps a client takes in one round: `max_steps`, else `epochs` passes of batches."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return cfg.epochs * math.ceil(rows / cfg.batch_size)
 
 
 def make_optimizer(

@@ -32,6 +32,7 @@ class Method:
     summary: ClassVar[str] = ""
     options_model: ClassVar[type[BaseModel]] = NoOptions
     default_lr: ClassVar[float] = 1e-3
+    privacy_modes: ClassVar[tuple[str, ...]] = ()  # the `privacy.mode`s the method implements
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.options_model()
@@ -53,6 +54,9 @@ class Method:
                 else:
                     problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
             raise ConfigError("; ".join(problems)) from None
+
+    def check_run(self, cfg: RunConfig) -> None:
+        """Refuse, before anything runs, a run config the method cannot serve. Default: any."""
 
     # --- what trains -------------------------------------------------------------------------
     def attach(self, model: TaskModel) -> None:

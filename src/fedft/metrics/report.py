@@ -40,6 +40,18 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{_pct(ce['weighted_accuracy'])} (worst client {_pct(ce['min_accuracy'])})",
             )
         )
+    privacy = summary.get("privacy")
+    if privacy:
+        target = privacy["target_epsilon"]
+        rows.append(
+            (
+                f"privacy ({privacy['mode']}-level, delta {privacy['delta']:g})",
+                f"epsilon spent {privacy['epsilon_max']:.3g} (worst client)"
+                + (f" of {target:g}" if target is not None else ""),
+            )
+        )
+    if summary.get("stopped"):
+        rows.append(("stopped early", summary["stopped"]))
     if summary.get("failed_client_updates"):
         rows.append(("failed client updates", str(summary["failed_client_updates"])))
     return rows

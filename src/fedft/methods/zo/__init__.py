@@ -1,0 +1,254 @@
+"""`zo`: forward-only federated fine-tuning (MeZO's seeded SPSA, FedKSeed's seed exchange, DPZero's
+private scalar).
+
+A client that can hold the model for inference can train it: every step is two forward passes
+along a direction regenerated from a seed. In `seeds` mode only (seed, scalar) pairs go up, and
+the server and catching-up clients rebuild the parameters by replaying them; `delta` mode uploads
+the trained tensors like FedAvg, for comparison. The parameter set is any other method's (`lora`,
+`bias`, `prompt`, `adapter`, `head`) or all weights.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedft.config import RunConfig
+from fedft.errors import ConfigError
+from fedft.federation.aggregation import Tensors
+from fedft.federation.client import ClientContext, Handler
+from fedft.federation.payload import Payload
+from fedft.federation.server import FedAvgServer, Server
+from fedft.federation.training import (
+    derived_seed,
+    local_steps,
+    parameters_by_name,
+    read_state,
+    write_state,
+)
+from fedft.methods import get_method, register
+from fedft.methods.base import Method
+from fedft.methods.zo.directions import checksum, decayed_mask, pool_seed
+from fedft.methods.zo.records import apply_record, unpack_records
+from fedft.methods.zo.spsa import ScalarPrivacy, ZoSteps, run_zo
+from fedft.models.backbone import TaskModel
+from fedft.privacy import plan_client
+
+PARAMETER_SETS = ("all", "head", "bias", "adapter", "prompt", "lora")
+DEFAULT_LR = {
+    "all": 1e-5,
+    "head": 1e-3,
+    "bias": 1e-4,
+    "adapter": 1e-4,
+    "prompt": 1e-3,
+    "lora": 1e-4,
+}
+NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
+SYNCED = "synced."  # client-state prefix of the parameters it last synced
+
+
+class ZoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    params: Literal["all", "head", "bias", "adapter", "prompt", "lora"] = Field(
+        "all", description="what trains: all weights, or the parameter set of that method"
+    )
+    params_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of that method (e.g. {r: 4} for lora)"
+    )
+    eps: float = Field(1e-3, gt=0, description="perturbation size epsilon of SPSA")
+    directions: int = Field(1, ge=1, description="random directions averaged per step")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning rate over the rounds"
+    )
+    mode: Literal["seeds", "delta"] = Field(
+        "seeds", description="'seeds': upload (seed, scalar) pairs; 'delta': the trained tensors"
+    )
+    seed_pool: int | None = Field(
+        None, ge=1, description="draw seeds from a fixed pool of this many (FedKSeed); None: fresh"
+    )
+
+
+@register
+class Zo(Method):
+    name = "zo"
+    summary = "forward-only: seeded SPSA on any parameter set; seeds + scalars on the wire; DP"
+    options_model = ZoOptions
+    privacy_modes = ("sample",)
+
+    def __init__(self, options: BaseModel | None = None):
+        super().__init__(options)
+        inner = get_method("full" if self.options.params == "all" else self.options.params)
+        self.inner = inner(inner.options_model(**self.options.params_options))
+        self.initial_state: Tensors = {}
+
+    @classmethod
+    def validate_options(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        out = super().validate_options(raw)
+        inner = get_method("full" if out["params"] == "all" else out["params"])
+        try:
+            out["params_options"] = inner.validate_options(out["params_options"])
+        except ConfigError as exc:
+            raise ConfigError(
+                str(exc).replace("method.", "method.params_options.", 1)
+                + f" (the options of method '{inner.name}')"
+            ) from None
+        return out
+
+    def check_run(self, cfg: RunConfig) -> None:
+        if self.options.mode == "seeds" and cfg.federation.server_optimizer != "fedavg":
+            raise ConfigError(
+                f"federation.server_optimizer={cfg.federation.server_optimizer}: zo in seeds mode "
+                "replays a weighted mean; use fedavg (server_lr still applies) or method.mode=delta"
+            )
+
+    # --- what trains -------------------------------------------------------------------------
+    def attach(self, model: TaskModel) -> None:
+        self.inner.attach(model)
+
+    def select_trainable(self, model: TaskModel) -> list[str]:
+        return self.inner.select_trainable(model)
+
+    def prepare(self, model: TaskModel) -> list[str]:
+        names = super().prepare(model)
+        for param in model.parameters():  # nothing ever needs a gradient
+            param.requires_grad_(False)
+        if self.options.mode == "seeds":  # every party holds the pretrained start: version 0
+            self.initial_state = read_state(model, names)
+        return names
+
+    def lr(self, cfg: RunConfig) -> float:
+        return cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR[self.options.params]
+
+    def round_lr(self, cfg: RunConfig, round_number: int) -> float:
+        base = self.lr(cfg)
+        progress = (round_number - 1) / cfg.federation.rounds
+        if self.options.schedule == "linear":
+            return base * (1.0 - progress)
+        if self.options.schedule == "cosine":
+            return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return base
+
+    # --- client side ---------------------------------------------------------------------------
+    def client_handlers(self) -> dict[str, Handler]:
+        train = self.train_seeds if self.options.mode == "seeds" else self.train_delta
+        return {"train": train, "evaluate": self.client_evaluate}
+
+    def local_round(self, ctx: ClientContext) -> tuple[ZoSteps, dict[str, Any]]:
+        """Run this round's ZO steps on the model as it stands; the steps and the DP scalars."""
+        cfg, rows = ctx.cfg, ctx.train_rows
+        params = list(parameters_by_name(ctx.model, ctx.trainable).values())
+        n, pool = self.options.directions, self.options.seed_pool
+        picker = np.random.default_rng(derived_seed(ctx.seed, 1))
+
+        def seeds_for(step: int) -> tuple[list[int], list[int]]:
+            if pool is None:
+                fresh = [derived_seed(ctx.seed, step, j) for j in range(n)]
+                return fresh, fresh
+            index = [int(i) for i in picker.integers(pool, size=n)]
+            return index, [pool_seed(cfg.seed, i) for i in index]
+
+        dp, noise, extra = None, None, {}
+        if cfg.privacy.mode == "sample":
+            plan = plan_client(cfg, len(rows))
+            dp = ScalarPrivacy(
+                cfg.privacy.clip, plan.noise_multiplier, plan.expected_batch, plan.sample_rate
+            )
+            noise_seed = (
+                secrets.randbits(63)
+                if cfg.privacy.secure_noise
+                else derived_seed(ctx.seed, NOISE_TAG)
+            )
+            noise = torch.Generator().manual_seed(noise_seed)
+            steps = plan.steps_per_round
+        else:
+            steps = local_steps(cfg.train, len(rows))
+        result = run_zo(
+            ctx.model,
+            params,
+            ctx.data.train,
+            rows,
+            steps,
+            cfg.train.batch_size,
+            seeds_for,
+            self.options.eps,
+            self.round_lr(cfg, ctx.round),
+            cfg.train.weight_decay,
+            ctx.device,
+            torch.Generator().manual_seed(derived_seed(ctx.seed, SAMPLING_TAG)),
+            dp,
+            noise,
+        )
+        scalars: dict[str, Any] = {
+            "num_examples": len(rows),
+            "train_loss": result.mean_loss,
+            "steps": result.steps,
+        }
+        if dp is not None:
+            extra = {
+                "dp_noise_multiplier": dp.noise_multiplier,
+                "dp_sample_rate": dp.sample_rate,
+                "dp_steps": result.steps,
+            }
+        return result, {**scalars, **extra}
+
+    def train_delta(self, ctx: ClientContext, payload: Payload) -> Payload:
+        write_state(ctx.model, payload.tensors)
+        _, scalars = self.local_round(ctx)
+        return Payload(read_state(ctx.model, ctx.trainable), scalars)
+
+    def train_seeds(self, ctx: ClientContext, payload: Payload) -> Payload:
+        self.sync(ctx, payload)
+        result, scalars = self.local_round(ctx)
+        wire_dtype = torch.int32 if self.options.seed_pool is not None else torch.int64
+        return Payload(
+            {
+                "seeds": torch.tensor(result.seeds, dtype=wire_dtype),
+                "grads": torch.tensor(result.grads, dtype=torch.float32),
+            },
+            scalars,
+        )
+
+    def sync(self, ctx: ClientContext, payload: Payload) -> None:
+        """Bring the model to the server's version: load the whole state, or replay the records
+        the client missed on top of what it held; then keep a copy for next time."""
+        s = payload.scalars
+        if s["sync"] == "full":
+            write_state(ctx.model, payload.tensors)
+        else:
+            base = int(s["base"])
+            held = int(ctx.state.get("version", 0))
+            if base == 0:
+                write_state(ctx.model, self.initial_state)
+            elif held == base and f"{SYNCED}{ctx.trainable[0]}" in ctx.state:
+                write_state(ctx.model, {n: ctx.state[SYNCED + n] for n in ctx.trainable})
+            else:
+                raise RuntimeError(
+                    f"out of sync: the client holds version {held}, the server sent records from "
+                    f"version {base}; it will be sent a full catch-up next time"
+                )
+            params = list(parameters_by_name(ctx.model, ctx.trainable).values())
+            mask = decayed_mask(params)
+            for record in unpack_records(payload):
+                apply_record(params, mask, record, ctx.cfg.seed, self.options.seed_pool)
+            got, want = checksum(params), float(s["checksum"])
+            if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
+                raise RuntimeError(
+                    f"replayed parameters differ from the server's (checksum {got!r} != {want!r}): "
+                    "client and server must start from the same model and seed"
+                )
+        ctx.state["version"] = int(s["version"])
+        for name, tensor in read_state(ctx.model, ctx.trainable).items():
+            ctx.state[SYNCED + name] = tensor
+
+    # --- server side ---------------------------------------------------------------------------
+    def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
+        if self.options.mode == "delta":
+            return FedAvgServer(cfg, initial)
+        from fedft.methods.zo.server import SeedReplayServer
+
+        return SeedReplayServer(cfg, initial, self)
