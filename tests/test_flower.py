@@ -64,7 +64,7 @@ def federation(tmp_path_factory):
     assert all(p.poll() is not None for p in fed.procs.values())
 
 
-@pytest.mark.parametrize("method", ["lora", "bias"])
+@pytest.mark.parametrize("method", ["lora", "bias", "zo"])
 def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
     federation, tmp_path: Path, method: str
 ):
