@@ -124,7 +124,10 @@ def run(out_dir: Path) -> str:
             f"| {label} | {wall:.0f} s | {peak / 1e6:.0f} MB | {summary['client_peak_rss_mb']:.0f} MB | "
             f"{per_round / 1e6:.2f} MB | {100 * summary['final_accuracy']:.1f}% |"
         )
-    lines += ["", "Regenerate with `python benchmarks/run.py engines` (about 8 minutes on 2 CPU cores)."]
+    lines += [
+        "",
+        "Regenerate with `python benchmarks/run.py engines` (about 8 minutes on 2 CPU cores).",
+    ]
     body = "\n".join(lines)
     write_section("engines", body)
     return body

@@ -10,8 +10,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_noniid  # noqa: E402
 import engines  # noqa: E402
 import methods_sst2  # noqa: E402
+import zo_memory  # noqa: E402
+import zo_sst2  # noqa: E402
 
-SECTIONS = {"methods": methods_sst2.run, "demo": demo_noniid.run, "engines": engines.run}
+SECTIONS = {
+    "methods": methods_sst2.run,
+    "demo": demo_noniid.run,
+    "engines": engines.run,
+    "zo-memory": zo_memory.run,
+    "zo": zo_sst2.run,
+}
 
 
 def main(argv: list[str]) -> int:

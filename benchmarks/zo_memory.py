@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import DOC, SHARED, machine, write_section
+from common import SHARED, machine, write_section
 
 KINDS = ("inference", "zo", "full", "lora")
 BATCH, LENGTH, REPEATS = 32, 64, 3
@@ -104,7 +104,9 @@ def run(out_dir: Path) -> str:
         for kind in KINDS:  # interleaved, so drift on the machine hits every kind alike
             result = measure_kind(kind)
             samples[kind].append(result)
-            print(f"[bench] memory {kind} #{repeat + 1}: {result['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"[bench] memory {kind} #{repeat + 1}: {result['peak_rss_mb']:.0f} MB", flush=True
+            )
     peak = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in samples.items()}
     secs = {k: statistics.median(r["seconds"] for r in v) for k, v in samples.items()}
     trainable = {k: v[0]["trainable"] for k, v in samples.items()}

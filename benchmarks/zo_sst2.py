@@ -1,0 +1,128 @@
+"""`zo` on SST-2 with MiniLM and 10 clients: accuracy of zo on all weights, on LoRA, and with DP at
+epsilon 2 and 8, next to `lora` backprop with the same rounds; uplink bytes of `seeds` mode against
+`delta` mode and against `lora`; the rounds zo needs to come within 2 points of its final accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import (
+    DOC,
+    SHARED,
+    machine,
+    median_round_seconds,
+    plot_accuracy_vs_mb,
+    run_job,
+    write_section,
+)
+
+ROUNDS = 10
+COMMON = {
+    "model.name": "minilm",
+    "model.max_length": 32,
+    "data.max_train_samples": 2000,
+    "data.partition": "iid",
+    "federation.clients": 10,
+    "federation.rounds": ROUNDS,
+    "federation.sample_fraction": 0.5,
+    "train.batch_size": 32,
+    "train.epochs": 1,
+}
+DP = {"privacy.mode": "sample", "privacy.delta": 1e-5, "privacy.clip": 2.0}
+RUNS = {
+    "zo (all weights)": {"method.name": "zo", "method.params": "all"},
+    "zo (LoRA)": {"method.name": "zo", "method.params": "lora"},
+    "zo (LoRA), DP eps=8": {
+        "method.name": "zo",
+        "method.params": "lora",
+        **DP,
+        "privacy.epsilon": 8,
+    },
+    "zo (LoRA), DP eps=2": {
+        "method.name": "zo",
+        "method.params": "lora",
+        **DP,
+        "privacy.epsilon": 2,
+    },
+    "lora (backprop)": {"method.name": "lora"},
+}
+DELTA = {
+    "method.name": "zo",
+    "method.params": "lora",
+    "method.mode": "delta",
+    "federation.rounds": 2,
+}
+
+
+def rounds_to_within(metrics: list[dict], points: float = 0.02) -> int | None:
+    """First round from which accuracy stays within `points` of the run's final accuracy."""
+    evals = [m for m in metrics if m.get("test_accuracy") is not None]
+    if not evals:
+        return None
+    final = evals[-1]["test_accuracy"]
+    for i, m in enumerate(evals):
+        if all(abs(e["test_accuracy"] - final) <= points for e in evals[i:]):
+            return m["round"]
+    return evals[-1]["round"]
+
+
+def run(out_dir: Path) -> str:
+    data = SHARED / "sst2"
+    if not data.is_dir():
+        raise SystemExit("benchmarks need ../shared/data/sst2 beside the project")
+    results = {}
+    for label, sets in RUNS.items():
+        slug = label.replace(" ", "").replace("(", "-").replace(")", "").replace(",", "-")
+        slug = slug.replace("=", "").lower()
+        results[label] = run_job(f"zo-{slug}", out_dir, {**COMMON, "data.source": data, **sets})
+    delta, _ = run_job("zo-lora-delta", out_dir, {**COMMON, "data.source": data, **DELTA})
+    lines = [
+        "## Forward-only `zo` on SST-2 (MiniLM, 10 clients)",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Setup: all-MiniLM-L6-v2, 2,000 SST-2 train rows split IID over 10 clients, 5 per round, "
+        f"{ROUNDS} rounds, 1 local epoch of batch 32 (7 steps), sequence length 32; test on the 872-row",
+        "validation set. `zo` is seeded SPSA (one direction per step, eps 1e-3, its default learning",
+        "rates: 1e-3 on all weights, 1e-2 on LoRA + head) in `seeds` mode; DP clips each example's",
+        "scalar to C = 2 and calibrates the noise per client over every round it could join",
+        "(delta 1e-5, RDP). `lora` backprop is AdamW at 1e-3 with the same rounds and batches.",
+        "",
+        "| run | final acc. | best acc. | rounds to within 2 points of final | uplink / client / round | downlink / client / round | epsilon spent (worst client) | client peak RSS | s / round (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, (s, metrics) in results.items():
+        eps = (s.get("privacy") or {}).get("epsilon_max")
+        lines.append(
+            f"| {label} | {100 * s['final_accuracy']:.1f}% | {100 * s['best_accuracy']:.1f}% | "
+            f"{rounds_to_within(metrics)} | {s['bytes_up_per_client_per_round']:,.0f} B | "
+            f"{s['bytes_down_per_client_per_round']:,.0f} B | {'-' if eps is None else f'{eps:.2f}'} | "
+            f"{s['client_peak_rss_mb']:.0f} MB | {median_round_seconds(metrics):.1f} |"
+        )
+    seeds_up = results["zo (LoRA)"][0]["bytes_up_per_client_per_round"]
+    lora_up = results["lora (backprop)"][0]["bytes_up_per_client_per_round"]
+    delta_up = delta["bytes_up_per_client_per_round"]
+    all_up = results["zo (all weights)"][0]["bytes_up_per_client_per_round"]
+    lines += [
+        "",
+        "Uplink per client per round, counted from what was sent:",
+        "",
+        "| mode | uplink / client / round | against `seeds` |",
+        "|---|---|---|",
+        f"| `zo` seeds (LoRA parameter set) | {seeds_up:,.0f} B | 1x |",
+        f"| `zo` seeds (all weights) | {all_up:,.0f} B | {all_up / seeds_up:.2f}x |",
+        f"| `zo` delta (LoRA parameter set) | {delta_up:,.0f} B | {delta_up / seeds_up:,.0f}x |",
+        f"| `lora` backprop | {lora_up:,.0f} B | {lora_up / seeds_up:,.0f}x |",
+        "",
+        "In `seeds` mode a client sends 12 bytes per step (an int64 seed and a float32 scalar) plus",
+        "its scalars, whatever the parameter set; the downlink is the round records it missed.",
+    ]
+    plot = DOC.parent / "benchmarks_zo_sst2.png"
+    plot_accuracy_vs_mb(
+        {label: m for label, (_, m) in results.items()}, plot, "SST-2, MiniLM: zo against lora"
+    )
+    lines += ["", f"![accuracy against MB sent]({plot.name})", ""]
+    lines.append("Regenerate with `python benchmarks/run.py zo` (about 20 minutes on 2 CPU cores).")
+    body = "\n".join(lines)
+    write_section("zo", body)
+    return body
