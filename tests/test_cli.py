@@ -50,6 +50,11 @@ def write_csv(path: Path, header: str, rows: list[str]) -> Path:
         (["--method", "prompt", "--set", "method.deep=true"], "deep prompts are for ViT"),
         (["--model", "tiny-vit"], "model 'tiny-vit' takes image input but the data demo is text"),
         (["--set", "train.batch_size=-1"], "train.batch_size"),
+        (
+            ["--method", "zo", "--set", "privacy.mode=sample", "--set", "privacy.epsilon=0.0001"],
+            "privacy.epsilon=0.0001 cannot be met",
+        ),
+        (["--method", "zo", "--set", "privacy.mode=sample"], "needs privacy.epsilon"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path: Path, args, needle):

@@ -10,13 +10,18 @@ the trained tensors like FedAvg, for comparison. The parameter set is any other 
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
 import secrets
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 
 from fedft.config import RunConfig
 from fedft.errors import ConfigError
@@ -84,7 +89,7 @@ class Zo(Method):
         super().__init__(options)
         inner = get_method("full" if self.options.params == "all" else self.options.params)
         self.inner = inner(inner.options_model(**self.options.params_options))
-        self.initial_state: Tensors = {}
+        self._initial_file: Path | None = None
 
     @classmethod
     def validate_options(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -117,9 +122,24 @@ class Zo(Method):
         names = super().prepare(model)
         for param in model.parameters():  # nothing ever needs a gradient
             param.requires_grad_(False)
-        if self.options.mode == "seeds":  # every party holds the pretrained start: version 0
-            self.initial_state = read_state(model, names)
+        if self.options.mode == "seeds":
+            self.keep_initial_state(read_state(model, names))
         return names
+
+    def keep_initial_state(self, state: Tensors) -> None:
+        """Every party holds the starting weights (version 0). A client keeps them on disk, as a
+        device keeps its downloaded checkpoint: they are read only to replay from version 0, and
+        a copy in memory would cost as much as the trainable weights themselves."""
+        handle, name = tempfile.mkstemp(prefix="fedft-zo-start-", suffix=".safetensors")
+        os.close(handle)
+        self._initial_file = Path(name)
+        save_file(state, str(self._initial_file))
+        atexit.register(self._initial_file.unlink, missing_ok=True)
+
+    def initial_state(self) -> Tensors:
+        if self._initial_file is None:
+            raise RuntimeError("zo: prepare() the model before asking for its starting weights")
+        return load_file(str(self._initial_file))
 
     def lr(self, cfg: RunConfig) -> float:
         return cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR[self.options.params]
@@ -152,7 +172,7 @@ class Zo(Method):
             index = [int(i) for i in picker.integers(pool, size=n)]
             return index, [pool_seed(cfg.seed, i) for i in index]
 
-        dp, noise, extra = None, None, {}
+        dp, noise = None, None
         if cfg.privacy.mode == "sample":
             plan = plan_client(cfg, len(rows))
             dp = ScalarPrivacy(
@@ -188,13 +208,11 @@ class Zo(Method):
             "train_loss": result.mean_loss,
             "steps": result.steps,
         }
-        if dp is not None:
-            extra = {
-                "dp_noise_multiplier": dp.noise_multiplier,
-                "dp_sample_rate": dp.sample_rate,
-                "dp_steps": result.steps,
-            }
-        return result, {**scalars, **extra}
+        if dp is not None:  # what the server's ledger counts
+            scalars["dp_noise_multiplier"] = dp.noise_multiplier
+            scalars["dp_sample_rate"] = dp.sample_rate
+            scalars["dp_steps"] = result.steps
+        return result, scalars
 
     def train_delta(self, ctx: ClientContext, payload: Payload) -> Payload:
         write_state(ctx.model, payload.tensors)
@@ -223,7 +241,7 @@ class Zo(Method):
             base = int(s["base"])
             held = int(ctx.state.get("version", 0))
             if base == 0:
-                write_state(ctx.model, self.initial_state)
+                write_state(ctx.model, self.initial_state())
             elif held == base and f"{SYNCED}{ctx.trainable[0]}" in ctx.state:
                 write_state(ctx.model, {n: ctx.state[SYNCED + n] for n in ctx.trainable})
             else:
