@@ -82,7 +82,7 @@ def run(out_dir: Path) -> str:
         f"Machine: {machine()}.",
         "",
         f"Setup: all-MiniLM-L6-v2, 2,000 SST-2 train rows split IID over 10 clients, 5 per round, "
-        f"{ROUNDS} rounds, 1 local epoch of batch 32 (7 steps), sequence length 32; test on the 872-row",
+        f"{ROUNDS} rounds, 1 local epoch of batch 32 (about 6 steps), sequence length 32; test on the 872-row",
         "validation set. `zo` is seeded SPSA (one direction per step, eps 1e-3, its default learning",
         "rates: 1e-3 on all weights, 1e-2 on LoRA + head) in `seeds` mode; DP clips each example's",
         "scalar to C = 2 and calibrates the noise per client over every round it could join",

@@ -54,7 +54,7 @@ class SeedReplayServer(Server):
         full = Payload(dict(self.global_state), {"sync": "full", "version": self.version})
         return replay if replay.nbytes <= full.nbytes else full
 
-    def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> Any:
+    def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         clients, spent = self.admit(round_number, clients)
         messages = [Message(c, "train", self.catch_up(c), round_number) for c in clients]
         replies = grid.exchange(messages)
