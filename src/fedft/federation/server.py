@@ -26,6 +26,13 @@ class RoundOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def mean_train_loss(replies: list[Reply]) -> float:
+    """The clients' reported training losses, weighted by their example counts."""
+    weights = [float(r.payload.scalars["num_examples"]) for r in replies]
+    losses = [float(r.payload.scalars["train_loss"]) for r in replies]
+    return sum(x * w for x, w in zip(losses, weights, strict=True)) / sum(weights)
+
+
 class Server:
     """Base class: a method's server logic. State must round-trip through `state_dict`."""
 
@@ -116,9 +123,7 @@ class FedAvgServer(Server):
         weights = [float(r.payload.scalars["num_examples"]) for r in ok]
         aggregate = weighted_mean([r.payload.tensors for r in ok], weights)
         self.global_state = self.optimizer.step(self.global_state, aggregate)
-        train_loss = sum(
-            float(r.payload.scalars["train_loss"]) * w for r, w in zip(ok, weights, strict=True)
-        ) / sum(weights)
+        train_loss = mean_train_loss(ok)
         return RoundOutcome(replies, {"train_loss": train_loss, **self.account(ok, spent)})
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:

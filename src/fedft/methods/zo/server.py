@@ -15,7 +15,7 @@ from fedft.config import RunConfig
 from fedft.federation.aggregation import Tensors
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload
-from fedft.federation.server import RoundOutcome, Server
+from fedft.federation.server import RoundOutcome, Server, mean_train_loss
 from fedft.methods.zo.directions import checksum, decayed_mask
 from fedft.methods.zo.records import (
     ClientSteps,
@@ -85,11 +85,7 @@ class SeedReplayServer(Server):
         apply_record(params, decayed_mask(params), record, self.cfg.seed, options.seed_pool)
         self.records.append(record)
         self._checksum = checksum(params)
-        weights = [s.weight for s in steps]
-        train_loss = sum(
-            float(r.payload.scalars["train_loss"]) * w for r, w in zip(ok, weights, strict=True)
-        ) / sum(weights)
-        metrics = {"train_loss": train_loss, "record_pairs": record.size}
+        metrics = {"train_loss": mean_train_loss(ok), "record_pairs": record.size}
         return RoundOutcome(replies, {**metrics, **self.account(ok, spent)})
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
