@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_noniid  # noqa: E402
+import dp_sst2  # noqa: E402
 import engines  # noqa: E402
 import methods_sst2  # noqa: E402
 import zo_memory  # noqa: E402
@@ -19,6 +20,7 @@ SECTIONS = {
     "engines": engines.run,
     "zo-memory": zo_memory.run,
     "zo": zo_sst2.run,
+    "dp": dp_sst2.run,
 }
 
 

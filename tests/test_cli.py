@@ -55,6 +55,14 @@ def write_csv(path: Path, header: str, rows: list[str]) -> Path:
             "privacy.epsilon=0.0001 cannot be met",
         ),
         (["--method", "zo", "--set", "privacy.mode=sample"], "needs privacy.epsilon"),
+        (
+            ["--set", "privacy.mode=client", "--set", "privacy.epsilon=0.05"],
+            "client-level DP with 3 clients: privacy.epsilon=0.05 cannot be met",
+        ),
+        (
+            ["--method", "zo", "--set", "privacy.mode=client", "--set", "privacy.epsilon=8"],
+            "privacy.mode=client: method 'zo' does not offer it",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path: Path, args, needle):

@@ -129,9 +129,13 @@ class TrainConfig(Section):
 
 
 class PrivacyConfig(Section):
-    mode: Literal["none", "sample"] = Field(
+    mode: Literal["none", "sample", "client"] = Field(
         "none",
-        description="'none', or 'sample': example-level DP on each client (for zo: noise on the clipped per-example scalar)",
+        description=(
+            "'none'; 'sample': example-level DP-SGD on each client (Opacus; for zo: noise on the "
+            "clipped per-example scalar); 'client': client-level DP-FedAvg (clipped updates, "
+            "server noise)"
+        ),
     )
     epsilon: float | None = Field(
         None,
@@ -145,7 +149,10 @@ class PrivacyConfig(Section):
     clip: float = Field(
         1.0,
         gt=0,
-        description="clipping bound per example (zo: on its projected-gradient scalar)",
+        description=(
+            "L2 clipping bound: per example gradient ('sample'; zo: its projected-gradient "
+            "scalars), per client update ('client')"
+        ),
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
     secure_noise: bool = Field(

@@ -200,16 +200,22 @@ def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) 
     }
 
 
-def privacy_summary(cfg: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any] | None:
+def privacy_summary(task: Task, history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    cfg = task.cfg
     if cfg.privacy.mode == "none":
         return None
     spent = next(
         (m["epsilon_per_client"] for m in reversed(history) if "epsilon_per_client" in m), {}
     )
+    plans = check_budgets(cfg, [len(split.train) for split in task.data.clients])
+    sigmas = [plan.noise_multiplier for plan in plans]
     return {
         "mode": cfg.privacy.mode,
         "target_epsilon": cfg.privacy.epsilon,
         "delta": cfg.privacy.delta,
+        "clip": cfg.privacy.clip,
+        "noise_multiplier_min": min(sigmas),
+        "noise_multiplier_max": max(sigmas),
         "epsilon_max": max(spent.values(), default=0.0),
         "epsilon_per_client": spent,
     }
@@ -247,7 +253,7 @@ def make_summary(
         "client_seconds_per_round": _mean([m["client_seconds_mean"] for m in history]),
         "failed_client_updates": totals.failures,
         "stopped": totals.stopped,
-        "privacy": privacy_summary(task.cfg, history),
+        "privacy": privacy_summary(task, history),
         "client_eval": client_eval,
     }
 
@@ -281,7 +287,9 @@ def run_federation(
     try:
         for round_number in range(first_round, rounds + 1):
             started = time.perf_counter()
-            clients = sample_clients(cfg.federation, cfg.seed, round_number)
+            clients = sample_clients(
+                cfg.federation, cfg.seed, round_number, poisson=cfg.privacy.mode == "client"
+            )
             try:
                 outcome = server.run_round(round_number, grid, clients)
             except BudgetSpent as exc:

@@ -1,4 +1,9 @@
-"""Seeded client sampling: the same (seed, round) always picks the same clients."""
+"""Seeded client sampling: the same (seed, round) always picks the same clients.
+
+The default draws a fixed number of clients per round. Client-level DP draws each client
+independently with probability q instead (Poisson sampling), because that is the sampling the
+accountant's amplification bound assumes; the round's size then varies around q * clients.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,17 @@ def clients_per_round(cfg: FederationConfig) -> int:
     return max(1, min(cfg.clients, k))
 
 
-def sample_clients(cfg: FederationConfig, seed: int, round_number: int) -> list[int]:
+def client_sample_rate(cfg: FederationConfig) -> float:
+    """The chance that a given client takes part in a round."""
+    return clients_per_round(cfg) / cfg.clients
+
+
+def sample_clients(
+    cfg: FederationConfig, seed: int, round_number: int, poisson: bool = False
+) -> list[int]:
     rng = np.random.default_rng([seed, round_number, 0x5A])
+    if poisson:
+        picked = rng.random(cfg.clients) < client_sample_rate(cfg)
+        return [int(c) for c in np.flatnonzero(picked)]
     chosen = rng.choice(cfg.clients, size=clients_per_round(cfg), replace=False)
     return sorted(int(c) for c in chosen)

@@ -15,9 +15,12 @@ from fedft.errors import BudgetSpent, RunStopped
 from fedft.federation.aggregation import ServerOptimizer, Tensors, weighted_mean
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload, Reply
-from fedft.privacy.accounting import PrivacyLedger
+from fedft.privacy.accounting import POPULATION, PrivacyLedger, plan_population
+from fedft.privacy.client_level import noisy_mean_update
+from fedft.privacy.noise import noise_generator
 
 log = logging.getLogger("fedft")
+SERVER_NOISE_TAG = 0x5E
 
 
 @dataclass
@@ -26,8 +29,11 @@ class RoundOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def mean_train_loss(replies: list[Reply]) -> float:
-    """The clients' reported training losses, weighted by their example counts."""
+def mean_train_loss(replies: list[Reply]) -> float | None:
+    """The clients' reported training losses, weighted by their example counts; None when a client
+    kept its loss to itself (DP clients do) or nobody answered."""
+    if not replies or any("train_loss" not in r.payload.scalars for r in replies):
+        return None
     weights = [float(r.payload.scalars["num_examples"]) for r in replies]
     losses = [float(r.payload.scalars["train_loss"]) for r in replies]
     return sum(x * w for x, w in zip(losses, weights, strict=True)) / sum(weights)
@@ -40,6 +46,7 @@ class Server:
         self.cfg = cfg
         self.global_state: Tensors = {k: v.detach().cpu().clone() for k, v in initial.items()}
         self.privacy = PrivacyLedger(cfg.privacy) if cfg.privacy.mode != "none" else None
+        self.population = plan_population(cfg) if cfg.privacy.mode == "client" else None
 
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         raise NotImplementedError
@@ -63,6 +70,14 @@ class Server:
         """Split the sampled clients into those whose budget allows this round and those spent."""
         if self.privacy is None:
             return clients, []
+        if self.population is not None:  # one budget for all: the run goes on or ends
+            if not self.privacy.can_afford(POPULATION):
+                raise BudgetSpent(
+                    f"round {round_number}: another round would take client-level DP past "
+                    f"privacy.epsilon={self.cfg.privacy.epsilon}; the run ends at round "
+                    f"{round_number - 1}"
+                )
+            return clients, []
         admitted = [c for c in clients if self.privacy.can_afford(c)]
         spent = [c for c in clients if c not in admitted]
         if spent:
@@ -79,18 +94,28 @@ class Server:
         return admitted, spent
 
     def account(self, replies: list[Reply], spent: list[int]) -> dict[str, Any]:
-        """Record the DP steps each client reports; the metrics of what has been spent so far."""
+        """Record this round's DP steps; the metrics of what has been spent so far.
+
+        Sample-level: the steps each client reports. Client-level: one step of the population's
+        mechanism, taken whoever was drawn (sampling is what amplifies it), so every client has
+        spent the same."""
         if self.privacy is None:
             return {}
-        for reply in replies:
-            s = reply.payload.scalars
-            self.privacy.record(
-                reply.client,
-                float(s["dp_noise_multiplier"]),
-                float(s["dp_sample_rate"]),
-                int(s["dp_steps"]),
-            )
-        per_client = self.privacy.spent()
+        if self.population is not None:
+            plan = self.population
+            self.privacy.record(POPULATION, plan.noise_multiplier, plan.sample_rate, 1)
+            spent_now = self.privacy.epsilon(POPULATION)
+            per_client = {c: spent_now for c in range(self.cfg.federation.clients)}
+        else:
+            for reply in replies:
+                s = reply.payload.scalars
+                self.privacy.record(
+                    reply.client,
+                    float(s["dp_noise_multiplier"]),
+                    float(s["dp_sample_rate"]),
+                    int(s["dp_steps"]),
+                )
+            per_client = self.privacy.spent()
         return {
             "epsilon_max": max(per_client.values(), default=0.0),
             "epsilon_per_client": {str(c): e for c, e in per_client.items()},
@@ -99,7 +124,7 @@ class Server:
 
     def require_replies(self, replies: list[Reply], round_number: int) -> list[Reply]:
         ok = [r for r in replies if r.ok]
-        need = self.cfg.federation.min_replies
+        need = min(self.cfg.federation.min_replies, len(replies))  # Poisson rounds may be small
         if len(ok) < need:
             raise RunStopped(
                 f"round {round_number}: only {len(ok)} of {len(replies)} clients answered, fewer than "
@@ -118,13 +143,24 @@ class FedAvgServer(Server):
         messages = [
             Message(c, "train", Payload(dict(self.global_state)), round_number) for c in clients
         ]
-        replies = grid.exchange(messages)
+        replies = grid.exchange(messages) if messages else []
         ok = self.require_replies(replies, round_number)
-        weights = [float(r.payload.scalars["num_examples"]) for r in ok]
-        aggregate = weighted_mean([r.payload.tensors for r in ok], weights)
+        aggregate, metrics = self.aggregate(ok, round_number)
         self.global_state = self.optimizer.step(self.global_state, aggregate)
-        train_loss = mean_train_loss(ok)
-        return RoundOutcome(replies, {"train_loss": train_loss, **self.account(ok, spent)})
+        metrics["train_loss"] = mean_train_loss(ok)
+        return RoundOutcome(replies, {**metrics, **self.account(ok, spent)})
+
+    def aggregate(self, ok: list[Reply], round_number: int) -> tuple[Tensors, dict[str, Any]]:
+        """The example-weighted mean; under client-level DP, the noised mean of clipped updates."""
+        states = [r.payload.tensors for r in ok]
+        if self.population is None:
+            weights = [float(r.payload.scalars["num_examples"]) for r in ok]
+            return weighted_mean(states, weights), {}
+        noise = noise_generator(self.cfg.privacy, self.cfg.seed, round_number, SERVER_NOISE_TAG)
+        aggregate, metrics = noisy_mean_update(
+            self.global_state, states, self.population, self.cfg.privacy.clip, noise
+        )
+        return aggregate, dict(metrics)
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         tensors, meta = super().state_dict()

@@ -7,6 +7,7 @@ work is the same whichever order clients run in, and a resumed run replays exact
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,28 @@ def batches(indices: np.ndarray, batch_size: int, generator: torch.Generator, sh
     )
     for start in range(0, len(indices), batch_size):
         yield indices[order[start : start + batch_size]]
+
+
+def step_batches(
+    rows: np.ndarray,
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator,
+    poisson_rate: float | None,
+) -> Iterator[np.ndarray]:
+    """`steps` batches: shuffled epochs, or (for DP) Poisson samples with the accountant's rate."""
+    if poisson_rate is not None:
+        for _ in range(steps):
+            mask = torch.rand(len(rows), generator=generator) < poisson_rate
+            yield rows[mask.numpy()]
+        return
+    taken = 0
+    while taken < steps:
+        for index in batches(rows, batch_size, generator):
+            yield index
+            taken += 1
+            if taken >= steps:
+                return
 
 
 @dataclass

@@ -21,6 +21,7 @@ from fedft.federation.payload import Payload
 from fedft.federation.server import FedAvgServer, Server
 from fedft.federation.training import evaluate, read_state, train_locally, write_state
 from fedft.models.backbone import TaskModel
+from fedft.privacy.dp_sgd import dp_scalars, train_privately
 
 
 class NoOptions(BaseModel):
@@ -32,7 +33,8 @@ class Method:
     summary: ClassVar[str] = ""
     options_model: ClassVar[type[BaseModel]] = NoOptions
     default_lr: ClassVar[float] = 1e-3
-    privacy_modes: ClassVar[tuple[str, ...]] = ()  # the `privacy.mode`s the method implements
+    # the `privacy.mode`s the method implements; the default client and server give both
+    privacy_modes: ClassVar[tuple[str, ...]] = ("sample", "client")
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.options_model()
@@ -93,25 +95,21 @@ class Method:
         return {"train": self.client_train, "evaluate": self.client_evaluate}
 
     def client_train(self, ctx: ClientContext, payload: Payload) -> Payload:
+        """Local backprop on the trainable tensors; DP-SGD under `privacy.mode=sample`."""
         write_state(ctx.model, payload.tensors)
-        stats = train_locally(
-            ctx.model,
-            ctx.trainable,
-            ctx.data.train,
-            ctx.train_rows,
-            ctx.cfg.train,
-            self.lr(ctx.cfg),
-            ctx.seed,
-            ctx.device,
-        )
-        return Payload(
-            read_state(ctx.model, ctx.trainable),
-            {
+        args = (ctx.model, ctx.trainable, ctx.data.train, ctx.train_rows)
+        if ctx.cfg.privacy.mode == "sample":
+            stats, plan = train_privately(*args, ctx.cfg, self.lr(ctx.cfg), ctx.seed, ctx.device)
+            scalars = {"num_examples": stats.num_examples, "steps": stats.steps}
+            scalars.update(dp_scalars(plan, stats.steps))
+        else:
+            stats = train_locally(*args, ctx.cfg.train, self.lr(ctx.cfg), ctx.seed, ctx.device)
+            scalars = {
                 "num_examples": stats.num_examples,
                 "train_loss": stats.mean_loss,
                 "steps": stats.steps,
-            },
-        )
+            }
+        return Payload(read_state(ctx.model, ctx.trainable), scalars)
 
     def client_evaluate(self, ctx: ClientContext, payload: Payload) -> Payload:
         write_state(ctx.model, payload.tensors)

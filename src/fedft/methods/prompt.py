@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from opacus.grad_sample import register_grad_sampler
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -31,22 +32,30 @@ class PromptOptions(BaseModel):
 
 
 class PromptTokens(nn.Module):
-    def __init__(self, depth: int, num_tokens: int, dim: int):
+    """n learned tokens put right after a sequence's first token, or, with `replace`, in place of
+    the n tokens that follow it (VPT-deep's fresh prompts at a later block)."""
+
+    def __init__(self, num_tokens: int, dim: int, replace: bool = False):
         super().__init__()
-        self.tokens = nn.Parameter(torch.empty(depth, num_tokens, dim))
+        self.tokens = nn.Parameter(torch.empty(num_tokens, dim))
+        self.replace = replace
         nn.init.normal_(self.tokens, std=0.02)
 
+    def forward(self, sequence: torch.Tensor) -> torch.Tensor:
+        n = self.tokens.shape[0]
+        rest = sequence[:, 1 + n :] if self.replace else sequence[:, 1:]
+        tokens = self.tokens.unsqueeze(0).expand(sequence.shape[0], -1, -1).to(sequence.dtype)
+        return torch.cat([sequence[:, :1], tokens, rest], dim=1)
 
-def _insert_after_first(sequence: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    batch = sequence.shape[0]
-    return torch.cat(
-        [
-            sequence[:, :1],
-            tokens.unsqueeze(0).expand(batch, -1, -1).to(sequence.dtype),
-            sequence[:, 1:],
-        ],
-        dim=1,
-    )
+
+@register_grad_sampler(PromptTokens)
+def prompt_grad_sample(
+    layer: PromptTokens, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients for Opacus (DP-SGD): the tokens are the same in every example, so an
+    example's gradient is the gradient that reached its copy of them."""
+    n = layer.tokens.shape[0]
+    return {layer.tokens: backprops[:, 1 : 1 + n].to(layer.tokens.dtype)}
 
 
 @register
@@ -75,16 +84,16 @@ class PromptTuning(Method):
                 f"the {limit} positions of {model.source}; lower one of them"
             )
         embeddings = model.input_embeddings()
-        prompt = PromptTokens(1, n, model.hidden_size())
+        prompt = PromptTokens(n, model.hidden_size())
         with torch.no_grad():
             picks = torch.randint(1000, embeddings.weight.shape[0], (n,))
-            prompt.tokens[0].copy_(embeddings.weight[picks])
-        model.add_module("prompt", prompt)
+            prompt.tokens.copy_(embeddings.weight[picks])
+        model.add_module("prompt", nn.ModuleList([prompt]))
 
         def add_prompt(inputs: dict[str, Any]) -> dict[str, Any]:
             ids = inputs.pop("input_ids")
             mask = inputs["attention_mask"]
-            inputs["inputs_embeds"] = _insert_after_first(embeddings(ids), prompt.tokens[0])
+            inputs["inputs_embeds"] = prompt(embeddings(ids))
             ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
             inputs["attention_mask"] = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
             return inputs
@@ -98,20 +107,14 @@ class PromptTuning(Method):
             raise ModelError(f"method 'prompt': cannot find the patch embeddings of {model.source}")
         blocks = model.blocks()
         depth = len(blocks) if self.options.deep else 1
-        prompt = PromptTokens(depth, n, model.hidden_size())
-        model.add_module("prompt", prompt)
-        embeddings.register_forward_hook(
-            lambda _m, _i, out: _insert_after_first(out, prompt.tokens[0])
-        )
-        if not self.options.deep:
-            return
-        for index in range(1, len(blocks)):
+        dim = model.hidden_size()
+        prompts = nn.ModuleList([PromptTokens(n, dim, replace=i > 0) for i in range(depth)])
+        model.add_module("prompt", prompts)
+        embeddings.register_forward_hook(lambda _m, _i, out: prompts[0](out))
+        for index in range(1, depth):
 
-            def replace(_module, args, kwargs, index=index):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                batch = hidden.shape[0]
-                fresh = prompt.tokens[index].unsqueeze(0).expand(batch, -1, -1).to(hidden.dtype)
-                hidden = torch.cat([hidden[:, :1], fresh, hidden[:, 1 + n :]], dim=1)
+            def replace(_module, args, kwargs, fresh=prompts[index]):
+                hidden = fresh(args[0] if args else kwargs["hidden_states"])
                 if args:
                     return (hidden, *args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": hidden}

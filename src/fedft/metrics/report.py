@@ -50,6 +50,10 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                 + (f" of {target:g}" if target is not None else ""),
             )
         )
+        if "noise_multiplier_min" in privacy:
+            low, high = privacy["noise_multiplier_min"], privacy["noise_multiplier_max"]
+            sigma = f"{low:.3g}" if low == high else f"{low:.3g} to {high:.3g}"
+            rows.append(("noise multiplier, clip", f"{sigma}, C = {privacy['clip']:g}"))
     if summary.get("stopped"):
         rows.append(("stopped early", summary["stopped"]))
     if summary.get("failed_client_updates"):

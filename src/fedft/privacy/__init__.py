@@ -2,19 +2,23 @@
 that counts what each client has spent with an Opacus accountant."""
 
 from fedft.privacy.accounting import (
-    ClientPlan,
+    POPULATION,
+    MechanismPlan,
     PrivacyLedger,
     calibrate_noise,
     check_budgets,
     epsilon_for,
     plan_client,
+    plan_population,
 )
 
 __all__ = [
-    "ClientPlan",
+    "MechanismPlan",
+    "POPULATION",
     "PrivacyLedger",
     "calibrate_noise",
     "check_budgets",
     "epsilon_for",
     "plan_client",
+    "plan_population",
 ]

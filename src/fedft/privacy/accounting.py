@@ -1,17 +1,27 @@
 """Privacy accounting shared by every DP mechanism in fedft.
 
-A client's mechanism is a subsampled Gaussian: each local step draws a Poisson batch with rate
-q = batch_size / rows and adds noise with multiplier sigma. The noise is calibrated per client,
-from the target (epsilon, delta), over the most steps the client can take in the run (every round),
-so a client that joins every round still ends within its budget. The server's `PrivacyLedger`
-counts what each client really took with an Opacus accountant (RDP or PRV), refuses a client whose
-next round would cross the target, and is saved with the checkpoint so a resumed run continues the
-count.
+Every mechanism here is a subsampled Gaussian, counted by an Opacus accountant (RDP or PRV):
+
+- sample-level (`privacy.mode=sample`): each local step of a client draws a Poisson batch with
+  rate q = batch_size / rows and adds noise with multiplier sigma. The noise is calibrated per
+  client over the most steps it can take in the run (every round), so a client that joins every
+  round still ends within its budget. The ledger keeps one history per client.
+- client-level (`privacy.mode=client`, DP-FedAvg): each round draws clients with probability
+  q = clients per round / clients and adds noise to the sum of their clipped updates. One
+  mechanism covers every client, so the ledger keeps one history, under `POPULATION`, and every
+  client has spent the same epsilon.
+
+The server's `PrivacyLedger` refuses a client (or the whole run) whose next round would cross the
+target, and is saved with the checkpoint so a resumed run continues the count.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from opacus.accountants import create_accountant
@@ -19,9 +29,22 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedft.config import PrivacyConfig, RunConfig
 from fedft.errors import ConfigError
+from fedft.federation.sampling import client_sample_rate, clients_per_round
 from fedft.federation.training import local_steps
 
 History = list[tuple[float, float, int]]
+
+
+@contextmanager
+def quiet_opacus() -> Iterator[None]:
+    """Opacus warns when the best RDP order is the largest it tries (large noise, few steps); the
+    bound is still valid, only looser, so the warning would only alarm a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
+POPULATION = -1  # the ledger's key for client-level DP, whose one mechanism covers every client
 
 
 def epsilon_for(history: History, delta: float, accountant: str = "rdp") -> float:
@@ -30,34 +53,44 @@ def epsilon_for(history: History, delta: float, accountant: str = "rdp") -> floa
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    with quiet_opacus():
+        return float(acc.get_epsilon(delta=delta))
 
 
+@lru_cache(maxsize=256)
 def calibrate_noise(
-    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    remedy: str = "take fewer rounds or steps",
 ) -> float:
     """The smallest noise multiplier (to Opacus's search tolerance) that keeps `steps` steps at
-    rate `sample_rate` within (epsilon, delta). Raises ConfigError when none can."""
+    rate `sample_rate` within (epsilon, delta). Raises ConfigError when none can. Cached: every
+    client of a given size asks the same question every round."""
     try:
-        sigma = get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01 * epsilon,
-        )
+        with quiet_opacus():
+            sigma = get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.01 * epsilon,
+            )
     except ValueError as exc:
         raise ConfigError(
             f"privacy.epsilon={epsilon} cannot be met over {steps} steps at sampling rate "
-            f"{sample_rate:.3g} ({exc}); raise privacy.epsilon, or take fewer rounds or steps"
+            f"{sample_rate:.3g} ({exc}); raise privacy.epsilon, or {remedy}"
         ) from None
     return float(sigma)
 
 
 @dataclass(frozen=True)
-class ClientPlan:
-    """One client's mechanism: what it uses every step, and how many steps it may take."""
+class MechanismPlan:
+    """One subsampled Gaussian: the noise and rate of each step, the steps one round takes, the
+    steps the run may take, and the expected size of a step's sample (the mean's denominator)."""
 
     noise_multiplier: float
     sample_rate: float
@@ -66,43 +99,66 @@ class ClientPlan:
     expected_batch: float
 
 
-def plan_client(cfg: RunConfig, rows: int) -> ClientPlan:
-    """Deterministic from the config and the client's row count, so the client, the server's
-    pre-flight check and a resumed run all get the same numbers."""
-    p = cfg.privacy
+def _noise(p: PrivacyConfig, rate: float, steps: int, remedy: str) -> float:
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    assert p.epsilon is not None
+    return calibrate_noise(p.epsilon, p.delta, rate, steps, p.accountant, remedy)
+
+
+def plan_client(cfg: RunConfig, rows: int) -> MechanismPlan:
+    """Sample-level DP of one client. Deterministic from the config and the client's row count,
+    so the client, the server's pre-flight check and a resumed run all get the same numbers."""
     batch = min(cfg.train.batch_size, rows)
     rate = batch / rows
     per_round = local_steps(cfg.train, rows)
     planned = per_round * cfg.federation.rounds
-    if p.noise_multiplier is not None:
-        sigma = p.noise_multiplier
-    else:
-        assert p.epsilon is not None
-        sigma = calibrate_noise(p.epsilon, p.delta, rate, planned, p.accountant)
-    return ClientPlan(sigma, rate, per_round, planned, batch)
+    sigma = _noise(cfg.privacy, rate, planned, "take fewer rounds or local steps")
+    return MechanismPlan(sigma, rate, per_round, planned, batch)
 
 
-def check_budgets(cfg: RunConfig, rows_per_client: list[int]) -> list[ClientPlan]:
-    """Refuse, before training, a privacy config that some client cannot meet even for one round."""
+def plan_population(cfg: RunConfig) -> MechanismPlan:
+    """Client-level DP: one step per round, each client drawn with the round's sampling rate."""
+    rate = client_sample_rate(cfg.federation)
+    rounds = cfg.federation.rounds
+    expected = clients_per_round(cfg.federation)
+    remedy = "take fewer rounds, or more clients (client-level DP needs many)"
+    return MechanismPlan(_noise(cfg.privacy, rate, rounds, remedy), rate, 1, rounds, expected)
+
+
+def _refuse_overspending_round(p: PrivacyConfig, plan: MechanismPlan, who: str) -> None:
+    if p.epsilon is None:
+        return
+    one_round = epsilon_for(
+        [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], p.delta, p.accountant
+    )
+    if one_round > p.epsilon:
+        raise ConfigError(
+            f"privacy: {who} would spend epsilon={one_round:.3g} in one round with "
+            f"noise_multiplier={plan.noise_multiplier}, above privacy.epsilon={p.epsilon}; "
+            "raise the noise multiplier or leave it unset"
+        )
+
+
+def check_budgets(cfg: RunConfig, rows_per_client: list[int]) -> list[MechanismPlan]:
+    """Refuse, before training, a privacy config that cannot be met even for one round."""
     p = cfg.privacy
+    if p.mode == "client":
+        try:
+            plan = plan_population(cfg)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"client-level DP with {cfg.federation.clients} clients: {exc}"
+            ) from None
+        _refuse_overspending_round(p, plan, "client-level DP")
+        return [plan]
     plans = []
     for client, rows in enumerate(rows_per_client):
         try:
             plan = plan_client(cfg, rows)
         except ConfigError as exc:
             raise ConfigError(f"client {client} ({rows} rows): {exc}") from None
-        if p.epsilon is not None:
-            one_round = epsilon_for(
-                [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)],
-                p.delta,
-                p.accountant,
-            )
-            if one_round > p.epsilon:
-                raise ConfigError(
-                    f"privacy: client {client} ({rows} rows) would spend epsilon={one_round:.3g} in "
-                    f"one round with noise_multiplier={plan.noise_multiplier}, above "
-                    f"privacy.epsilon={p.epsilon}; raise the noise multiplier or leave it unset"
-                )
+        _refuse_overspending_round(p, plan, f"client {client} ({rows} rows)")
         plans.append(plan)
     return plans
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import math
 import os
-import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +42,8 @@ from fedft.methods.zo.records import apply_record, unpack_records
 from fedft.methods.zo.spsa import ScalarPrivacy, ZoSteps, run_zo
 from fedft.models.backbone import TaskModel
 from fedft.privacy import plan_client
+from fedft.privacy.dp_sgd import dp_scalars
+from fedft.privacy.noise import noise_generator
 
 PARAMETER_SETS = ("all", "head", "bias", "adapter", "prompt", "lora")
 DEFAULT_LR = {
@@ -178,12 +179,7 @@ class Zo(Method):
             dp = ScalarPrivacy(
                 cfg.privacy.clip, plan.noise_multiplier, plan.expected_batch, plan.sample_rate
             )
-            noise_seed = (
-                secrets.randbits(63)
-                if cfg.privacy.secure_noise
-                else derived_seed(ctx.seed, NOISE_TAG)
-            )
-            noise = torch.Generator().manual_seed(noise_seed)
+            noise = noise_generator(cfg.privacy, ctx.seed, NOISE_TAG)
             steps = plan.steps_per_round
         else:
             steps = local_steps(cfg.train, len(rows))
@@ -203,15 +199,11 @@ class Zo(Method):
             dp,
             noise,
         )
-        scalars: dict[str, Any] = {
-            "num_examples": len(rows),
-            "train_loss": result.mean_loss,
-            "steps": result.steps,
-        }
-        if dp is not None:  # what the server's ledger counts
-            scalars["dp_noise_multiplier"] = dp.noise_multiplier
-            scalars["dp_sample_rate"] = dp.sample_rate
-            scalars["dp_steps"] = result.steps
+        scalars: dict[str, Any] = {"num_examples": len(rows), "steps": result.steps}
+        if dp is None:
+            scalars["train_loss"] = result.mean_loss
+        else:  # what the server's ledger counts; the loss stays home (it is not privatized)
+            scalars.update(dp_scalars(plan, result.steps))
         return result, scalars
 
     def train_delta(self, ctx: ClientContext, payload: Payload) -> Payload:

@@ -10,7 +10,7 @@ runs without autograd: no graph is built and no backward pass exists.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fedft.data.encode import TensorData
-from fedft.federation.training import batches
+from fedft.federation.training import step_batches
 from fedft.methods.zo.directions import add_direction, decayed_mask
 from fedft.models.backbone import TaskModel
 
@@ -63,28 +63,6 @@ def privatize(
         dp.noise_multiplier * dp.clip
     )
     return (clipped.sum(dim=0) + noise) / dp.expected_batch
-
-
-def step_batches(
-    rows: np.ndarray,
-    batch_size: int,
-    steps: int,
-    generator: torch.Generator,
-    poisson_rate: float | None,
-) -> Iterator[np.ndarray]:
-    """`steps` batches: shuffled epochs, or (for DP) Poisson samples with the accountant's rate."""
-    if poisson_rate is not None:
-        for _ in range(steps):
-            mask = torch.rand(len(rows), generator=generator) < poisson_rate
-            yield rows[mask.numpy()]
-        return
-    taken = 0
-    while taken < steps:
-        for index in batches(rows, batch_size, generator):
-            yield index
-            taken += 1
-            if taken >= steps:
-                return
 
 
 @torch.no_grad()

@@ -1,0 +1,165 @@
+"""Sample-level DP-SGD on a client (Abadi et al. 2016), through Opacus.
+
+Opacus's `GradSampleModule` computes each example's gradient of the trainable tensors with hooks,
+and its `DPOptimizer` clips every example's gradient (jointly over all trainable tensors) to L2
+norm C, sums, adds N(0, (sigma C)^2) and divides by the expected batch size. Batches are Poisson
+samples at the accountant's rate, so a step may draw no example; it still adds noise, because it
+is a step the accountant counts. `train.max_grad_norm` does not apply: clipping is per example.
+
+The local engine shares one model among all its clients, so the hooks live for one client's round
+only: added when it starts, removed (with Opacus's attributes on the parameters) when it ends.
+
+What leaves the client under DP is the noised model and its row count, not its training loss:
+the loss is a statistic of the private data that no accountant counts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from fedft.config import RunConfig
+from fedft.data.encode import TensorData
+from fedft.federation.training import (
+    TrainStats,
+    derived_seed,
+    make_optimizer,
+    parameters_by_name,
+    step_batches,
+)
+from fedft.privacy.accounting import MechanismPlan, plan_client
+from fedft.privacy.noise import noise_generator
+
+NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
+
+
+def dp_scalars(plan: MechanismPlan, steps: int) -> dict[str, float | int]:
+    """What the server's ledger counts for this client's round."""
+    return {
+        "dp_noise_multiplier": plan.noise_multiplier,
+        "dp_sample_rate": plan.sample_rate,
+        "dp_steps": steps,
+    }
+
+
+class ExpandSharedIndices:
+    """Give trainable embeddings one row of indices per example.
+
+    Text models look up position embeddings with one row of ids shared by the whole batch
+    ([1, T], broadcast later), so the embedding sees a batch of one and Opacus cannot split its
+    gradient by example. Expanding the ids to [B, T] before the lookup gives the same output and
+    per-example gradients. Removed with `close`."""
+
+    def __init__(self, model: nn.Module):
+        self.batch_size = 1
+        self.handles = [
+            module.register_forward_pre_hook(self._expand)
+            for module in model.modules()
+            if isinstance(module, nn.Embedding) and module.weight.requires_grad
+        ]
+
+    def _expand(self, _module: nn.Module, args: tuple) -> tuple | None:
+        ids = args[0]
+        if ids.dim() >= 1 and ids.shape[0] == 1 and self.batch_size > 1:
+            return (ids.expand(self.batch_size, *ids.shape[1:]), *args[1:])
+        return None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class PrivateSteps:
+    """DP-SGD steps on the named parameters of a model, as a context: Opacus's hooks (and the
+    index expansion) exist inside the `with` block only."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        cfg: RunConfig,
+        lr: float,
+        plan: MechanismPlan,
+        seed: int,
+    ):
+        self.model = model
+        self.params = list(parameters_by_name(model, names).values())
+        self.cfg, self.lr, self.plan, self.seed = cfg, lr, plan, seed
+
+    def __enter__(self) -> PrivateSteps:
+        self.shared = ExpandSharedIndices(self.model)
+        self.wrapped = GradSampleModule(
+            self.model, batch_first=True, loss_reduction="mean", strict=True
+        )
+        self.optimizer = DPOptimizer(
+            make_optimizer(self.params, self.cfg.train, self.lr),
+            noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=self.cfg.privacy.clip,
+            expected_batch_size=self.plan.expected_batch,
+            generator=noise_generator(
+                self.cfg.privacy, self.seed, NOISE_TAG, device=self.params[0].device
+            ),
+        )
+        return self
+
+    def step(self, batch: dict[str, torch.Tensor] | None) -> float:
+        """One step on a Poisson batch (None: an empty draw, the step is noise alone); returns
+        the batch's summed loss."""
+        loss_sum = 0.0
+        if batch is None:
+            for p in self.params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        else:
+            self.shared.batch_size = len(batch["labels"])
+            loss = F.cross_entropy(self.wrapped(batch), batch["labels"])
+            with warnings.catch_warnings():  # Opacus's hooks on a frozen-input module: expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            loss_sum = float(loss.detach()) * len(batch["labels"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def __exit__(self, *exc: object) -> None:
+        self.wrapped.to_standard_module()  # hooks off, per-example tensors gone
+        self.shared.close()
+        for p in self.params:
+            p.grad = None
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
+
+
+def train_privately(
+    model: nn.Module,
+    names: list[str],
+    data: TensorData,
+    rows: np.ndarray,
+    cfg: RunConfig,
+    lr: float,
+    seed: int,
+    device: torch.device,
+) -> tuple[TrainStats, MechanismPlan]:
+    """One client's round of DP-SGD on `names`: the plan's steps, each on a Poisson batch."""
+    if len(rows) == 0:
+        raise ValueError("client has no training rows")
+    plan = plan_client(cfg, len(rows))
+    sampling = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_TAG))
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    steps, loss_sum, seen = 0, 0.0, 0
+    with PrivateSteps(model, names, cfg, lr, plan, seed) as private:
+        for index in step_batches(
+            rows, cfg.train.batch_size, plan.steps_per_round, sampling, plan.sample_rate
+        ):
+            batch = {k: v.to(device) for k, v in data.batch(index).items()} if len(index) else None
+            loss_sum += private.step(batch)
+            seen += len(index)
+            steps += 1
+    mean_loss = loss_sum / seen if seen else float("nan")
+    return TrainStats(len(rows), steps, mean_loss), plan
