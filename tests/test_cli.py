@@ -126,3 +126,7 @@ def test_real_process_exit_code_and_methods_listing(tmp_path: Path):
     )
     names = [line.split()[0] for line in listing.stdout.splitlines()]
     assert {"full", "head", "bias", "adapter", "prompt", "lora"} <= set(names)
+    modes = {
+        line.split()[0]: line.rsplit("[privacy: ", 1)[1] for line in listing.stdout.splitlines()
+    }
+    assert modes["lora"] == "sample, client]" and modes["zo"] == "sample]"

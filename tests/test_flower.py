@@ -64,12 +64,20 @@ def federation(tmp_path_factory):
     assert all(p.poll() is not None for p in fed.procs.values())
 
 
-@pytest.mark.parametrize("method", ["lora", "bias", "zo"])
+DP_SAMPLE = {"privacy.mode": "sample", "privacy.epsilon": 8}
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("lora", {}), ("bias", {}), ("zo", {}), ("lora", DP_SAMPLE)],
+    ids=["lora", "bias", "zo", "lora-dp"],
+)
 def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
-    federation, tmp_path: Path, method: str
+    federation, tmp_path: Path, method: str, extra: dict
 ):
     sets = {
         **BASE,
+        **extra,
         "method.name": method,
         "name": f"flower-{method}",
         "output_dir": str(tmp_path / "runs"),
@@ -84,7 +92,8 @@ def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
     assert summary["engine"] == "flower" and summary["final_accuracy"] is not None
     assert all(not m["failed"] and m["clients"] == [0, 1] for m in lines)
 
-    local_summary, local_lines = local_run(tmp_path, {**BASE, "method.name": method})
+    local_summary, local_lines = local_run(tmp_path, {**BASE, **extra, "method.name": method})
+    assert summary["privacy"] == local_summary["privacy"]  # the ledger counts the same steps
     for flower_line, local_line in zip(lines, local_lines, strict=True):
         assert [c["bytes_up"] for c in flower_line["per_client"]] == [
             c["bytes_up"] for c in local_line["per_client"]

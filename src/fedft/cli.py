@@ -126,7 +126,9 @@ def _methods(_: argparse.Namespace) -> int:
     names = available_methods()
     width = max(len(n) for n in names)
     for name in names:
-        print(f"{name.ljust(width)}  {get_method(name).summary}")
+        method = get_method(name)
+        dp = ", ".join(method.privacy_modes) or "none"
+        print(f"{name.ljust(width)}  {method.summary} [privacy: {dp}]")
     return 0
 
 

@@ -82,7 +82,7 @@ class ZoOptions(BaseModel):
 @register
 class Zo(Method):
     name = "zo"
-    summary = "forward-only: seeded SPSA on any parameter set; seeds + scalars on the wire; DP"
+    summary = "forward-only: seeded SPSA on any parameter set; seeds + scalars on the wire"
     options_model = ZoOptions
     privacy_modes = ("sample",)
 
