@@ -65,12 +65,14 @@ def federation(tmp_path_factory):
 
 
 DP_SAMPLE = {"privacy.mode": "sample", "privacy.epsilon": 8}
+# two SuperNodes, one round: three exchanges (start, tail, head) with one chunk of two batches
+SPLIT = {"method.num_tokens": 3, "method.head_blocks": 0, "federation.rounds": 1}
 
 
 @pytest.mark.parametrize(
     ("method", "extra"),
-    [("lora", {}), ("bias", {}), ("zo", {}), ("lora", DP_SAMPLE)],
-    ids=["lora", "bias", "zo", "lora-dp"],
+    [("lora", {}), ("bias", {}), ("zo", {}), ("lora", DP_SAMPLE), ("sfprompt", SPLIT)],
+    ids=["lora", "bias", "zo", "lora-dp", "sfprompt"],
 )
 def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
     federation, tmp_path: Path, method: str, extra: dict
@@ -88,7 +90,9 @@ def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
     run_dir = tmp_path / "runs" / f"flower-{method}"
     lines = rundir.read_metrics(run_dir)
     summary = json.loads((run_dir / rundir.SUMMARY).read_text())
-    assert [m["round"] for m in lines] == [1, 2] and summary["rounds_completed"] == 2
+    rounds = sets["federation.rounds"]
+    assert [m["round"] for m in lines] == list(range(1, rounds + 1))
+    assert summary["rounds_completed"] == rounds
     assert summary["engine"] == "flower" and summary["final_accuracy"] is not None
     assert all(not m["failed"] and m["clients"] == [0, 1] for m in lines)
 

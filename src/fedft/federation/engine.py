@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -116,6 +116,29 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def merge_by_client(replies: list[Reply]) -> list[Reply]:
+    """One reply per client for reporting: a method with several exchanges in a round (split
+    learning) sums its bytes and seconds, takes the peak memory, and keeps the last payload and
+    the first error."""
+    merged: dict[int, Reply] = {}
+    for r in replies:
+        if r.client not in merged:
+            merged[r.client] = Reply(r.client, r.kind, r.payload, r.error, replace(r.cost))
+            continue
+        m = merged[r.client]
+        c = m.cost
+        c.bytes_down += r.cost.bytes_down
+        c.bytes_up += r.cost.bytes_up
+        c.scalar_bytes_down += r.cost.scalar_bytes_down
+        c.scalar_bytes_up += r.cost.scalar_bytes_up
+        c.seconds += r.cost.seconds
+        c.peak_rss_bytes = max(c.peak_rss_bytes, r.cost.peak_rss_bytes)
+        c.peak_cuda_bytes = max(c.peak_cuda_bytes, r.cost.peak_cuda_bytes)
+        m.payload = r.payload if r.payload is not None else m.payload
+        m.error = m.error or r.error
+    return list(merged.values())
+
+
 def round_line(
     round_number: int,
     replies: list[Reply],
@@ -123,6 +146,8 @@ def round_line(
     totals: Totals,
     trainable_params: int,
 ) -> dict[str, Any]:
+    exchanges = len(replies)
+    replies = merge_by_client(replies)
     ok = [r for r in replies if r.ok]
     round_bytes = sum(
         r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_down + r.cost.scalar_bytes_up
@@ -139,6 +164,7 @@ def round_line(
         "round": round_number,
         "clients": [r.client for r in replies],
         "failed": failed,
+        "exchanges": exchanges,
         **outcome_metrics,
         "test_loss": None,
         "test_accuracy": None,
@@ -171,13 +197,16 @@ def round_line(
 
 
 def evaluate_global(task: Task, server: Server) -> dict[str, float]:
-    write_state(task.model, server.model_state())
-    stats = evaluate(task.model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
+    model = server.evaluation_model(task.model)
+    write_state(model, server.model_state())
+    stats = evaluate(model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
     return {"test_loss": stats.loss, "test_accuracy": stats.accuracy}
 
 
 def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) -> dict[str, Any]:
     """Each client scores the final global model on its local test rows (non-IID shows here)."""
+    if "evaluate" not in task.method.client_handlers():
+        return {}  # a client that cannot run the whole model alone (split learning)
     state = server.model_state()
     clients = [c for c in range(task.cfg.federation.clients) if len(task.data.clients[c].test) > 0]
     replies = grid.exchange(

@@ -15,6 +15,7 @@ from fedft.errors import BudgetSpent, RunStopped
 from fedft.federation.aggregation import ServerOptimizer, Tensors, weighted_mean
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload, Reply
+from fedft.models.backbone import TaskModel
 from fedft.privacy.accounting import POPULATION, PrivacyLedger, plan_population
 from fedft.privacy.client_level import noisy_mean_update
 from fedft.privacy.noise import noise_generator
@@ -50,6 +51,11 @@ class Server:
 
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         raise NotImplementedError
+
+    def evaluation_model(self, task_model: TaskModel) -> TaskModel:
+        """The model the global state is evaluated in: the process's own, unless the server
+        holds parts the clients do not (split learning)."""
+        return task_model
 
     def model_state(self) -> Tensors:
         """Tensors to load into the process's model to evaluate the global model."""

@@ -1,0 +1,129 @@
+"""`sfprompt`: split federated prompt tuning (after SFPrompt, Cao et al. 2024).
+
+The model is cut in three. The client keeps the head (embeddings, the first `head_blocks` blocks
+and the soft prompts) and the tail (the last `tail_blocks` blocks and the classifier); the server
+keeps the frozen body and never sees inputs or labels. Each round a client prunes its rows to the
+`keep_fraction` with the highest EL2N, trains prompts and tail on a local loss that skips the body
+(phase 1), then trains them through the body on the pruned rows in split steps, `chunk_batches`
+batches per exchange (phase 2); the server averages prompts and tails (phase 3).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedft.config import RunConfig
+from fedft.federation.aggregation import Tensors
+from fedft.federation.client import ClientContext, Handler
+from fedft.federation.payload import Payload
+from fedft.federation.server import Server
+from fedft.federation.training import write_state
+from fedft.methods import register
+from fedft.methods.base import Method
+from fedft.methods.prompt import PromptOptions, PromptTuning
+from fedft.methods.sfprompt.client import SplitClient
+from fedft.methods.sfprompt.split import Relay, blocks_prefix, check_cut, strip_body
+from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+
+
+class SfPromptOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_tokens: int = Field(
+        20, ge=0, description="soft prompt tokens after the embeddings (0: tail only)"
+    )
+    head_blocks: int = Field(1, ge=0, description="blocks the client runs before the body")
+    tail_blocks: int = Field(1, ge=0, description="blocks the client runs after the body")
+    keep_fraction: float = Field(
+        0.5, gt=0, le=1, description="EL2N pruning: share of rows kept for split training (1: off)"
+    )
+    local_epochs: int = Field(
+        1, ge=0, description="phase 1: epochs on the local loss that skips the body (0: off)"
+    )
+    chunk_batches: int = Field(4, ge=1, description="split-training batches per exchange")
+    prompt_lr: float = Field(1e-2, gt=0, description="learning rate of the prompts")
+
+    def tail_lr(self, cfg: RunConfig) -> float:
+        return cfg.train.lr if cfg.train.lr is not None else SfPrompt.default_lr
+
+
+@register
+class SfPrompt(Method):
+    name = "sfprompt"
+    summary = "split + federated: prompts and tail on the client, frozen body on the server"
+    options_model = SfPromptOptions
+    default_lr = 1e-3
+    privacy_modes = ()  # the split phase has no per-example clipping yet
+
+    def __init__(self, options: BaseModel | None = None):
+        super().__init__(options)
+        self.relay: Relay | None = None
+        self.num_labels = 0
+        self.prompt_names: list[str] = []
+
+    def _attach_prompt(self, model: TaskModel) -> None:
+        if self.options.num_tokens > 0:
+            PromptTuning(PromptOptions(num_tokens=self.options.num_tokens)).attach(model)
+
+    def attach(self, model: TaskModel) -> None:
+        check_cut(model, self.options.head_blocks, self.options.tail_blocks)
+        self.num_labels = model.num_labels
+        self._attach_prompt(model)
+        self.relay = strip_body(model, self.options.head_blocks, self.options.tail_blocks)
+
+    def select_trainable(self, model: TaskModel) -> list[str]:
+        """Prompts, the tail's blocks, and everything after the blocks (final norm, head)."""
+        blocks = blocks_prefix(model)
+        embeddings = next(
+            name.rsplit(".", 1)[0] + "."
+            for name, module in model.named_modules()
+            if module is model.input_embeddings()
+        )
+        first_tail = len(model.blocks()) - self.options.tail_blocks
+
+        def in_tail(name: str) -> bool:
+            if name.startswith(blocks):
+                return int(name[len(blocks) :].split(".", 1)[0]) >= first_tail
+            return not name.startswith(embeddings)
+
+        names = [n for n, _ in model.named_parameters() if n.startswith("prompt.") or in_tail(n)]
+        self.prompt_names = [n for n in names if n.startswith("prompt.")]
+        return names
+
+    # --- client --------------------------------------------------------------------------------
+    def client_handlers(self) -> dict[str, Handler]:
+        return {"sf_start": self.start, "sf_tail": self.tail, "sf_head": self.head}
+
+    def _client(self, ctx: ClientContext) -> SplitClient:
+        assert self.relay is not None, "prepare() the model first"
+        return SplitClient(ctx, self.relay, self.prompt_names, self.options)
+
+    def start(self, ctx: ClientContext, payload: Payload) -> Payload:
+        return self._client(ctx).start(payload)
+
+    def tail(self, ctx: ClientContext, payload: Payload) -> Payload:
+        client = self._client(ctx)
+        client.load()
+        reply = client.tail_step(payload)
+        client.save()
+        return reply
+
+    def head(self, ctx: ClientContext, payload: Payload) -> Payload:
+        client = self._client(ctx)
+        client.load()
+        reply = client.head_step(payload)
+        client.save()
+        return reply
+
+    # --- server --------------------------------------------------------------------------------
+    def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
+        """The server holds the whole model (it is the model owner): the body for split steps,
+        and all of it to evaluate the global prompts and tail."""
+        from fedft.methods.sfprompt.server import SfPromptServer
+
+        full = load_task_model(cfg.model.name, self.num_labels, cfg.model.max_length, cfg.seed)
+        self._attach_prompt(full)
+        for param in full.parameters():
+            param.requires_grad_(False)
+        full.to(resolve_device(cfg.device))
+        write_state(full, initial)
+        return SfPromptServer(cfg, initial, full, self.options)

@@ -1,0 +1,191 @@
+"""`sfprompt`: the cut, the split protocol's gradients, EL2N pruning, and what the client holds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedft.federation.client import ClientRuntime
+from fedft.federation.engine import build_task, run_federation
+from fedft.federation.grid import LocalGrid
+from fedft.federation.training import parameters_by_name, read_state, write_state
+from fedft.methods.prompt import PromptOptions, PromptTuning
+from fedft.methods.sfprompt.pruning import el2n_scores, keep_highest
+from fedft.methods.sfprompt.split import BodyRunner, Stop, blocks_prefix, strip_body
+from fedft.metrics import rundir
+from fedft.models.backbone import load_task_model
+
+from helpers import shared_dataset, tiny_config
+
+
+def no_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def sample_batch(model_name: str, tmp_path: Path) -> dict[str, torch.Tensor]:
+    sets = {"data.source": str(shared_dataset("optdigits"))} if model_name == "tiny-vit" else {}
+    task = build_task(tiny_config(tmp_path, "head", model=model_name, **sets))
+    return task.data.train.batch(np.arange(6))
+
+
+def split_logits(client, runner, batch, relay) -> torch.Tensor:
+    relay.mode = "capture"
+    try:
+        client(batch)
+    except Stop as stop:
+        head_out = stop.hidden
+    relay.mode = "skip"
+    inputs = (
+        {
+            "input_ids": torch.zeros_like(batch["attention_mask"]),
+            "attention_mask": batch["attention_mask"],
+        }
+        if "attention_mask" in batch
+        else {"pixel_values": torch.zeros_like(batch["pixel_values"])}
+    )
+    body_out = runner.forward(head_out, inputs)
+    relay.mode, relay.incoming = "inject", body_out
+    try:
+        return client(batch)
+    finally:
+        relay.mode, relay.incoming = "skip", None
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-vit"])
+@pytest.mark.parametrize(("head", "tail"), [(0, 1), (1, 0)])
+@pytest.mark.parametrize("prompts", [0, 3])
+def test_split_forward_equals_the_unsplit_model(tmp_path: Path, model_name, head, tail, prompts):
+    batch = sample_batch(model_name, tmp_path)
+    models = [load_task_model(model_name, 10, 16, seed=0) for _ in range(3)]
+    if prompts:
+        for m in models:
+            torch.manual_seed(1)  # the same prompt tokens in all three
+            PromptTuning(PromptOptions(num_tokens=prompts)).attach(m)
+    whole, client, server = models
+    for m in models:
+        m.eval()
+    relay = strip_body(client, head, tail)
+    runner = BodyRunner(server, head, tail)
+    with torch.no_grad():
+        expected = whole(batch)
+        got = split_logits(client, runner, batch, relay)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the server's model is whole again after the call
+    torch.testing.assert_close(server(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def sf_config(tmp_path: Path, **sets):
+    base = {
+        "method.num_tokens": 3,
+        "method.head_blocks": 0,
+        "method.tail_blocks": 1,
+        "federation.clients": 2,
+        "federation.sample_fraction": 1.0,
+    }
+    return tiny_config(tmp_path, "sfprompt", **{**base, **sets})
+
+
+def test_client_model_holds_no_body_parameter(tmp_path: Path):
+    task = build_task(sf_config(tmp_path))
+    prefix = blocks_prefix(task.model)
+    names = [n for n, _ in task.model.named_parameters()]
+    assert not [n for n in names if n.startswith(prefix + "0.")]  # the body: block 0 of 2
+    assert any(n.startswith(prefix + "1.") for n in names)  # the tail is here
+    server = task.method.make_server(task.cfg, read_state(task.model, task.method.trainable_names))
+    body = dict(server.model.named_parameters())
+    body_params = [p for n, p in body.items() if n.startswith(prefix + "0.")]
+    assert body_params
+    full = sum(p.numel() for p in server.model.parameters())
+    client = sum(p.numel() for p in task.model.parameters())
+    assert client == full - sum(p.numel() for p in body_params)
+    client_storage = {p.data_ptr() for p in task.model.parameters()}
+    assert not client_storage & {p.data_ptr() for p in body_params}
+
+
+def test_split_protocol_gradients_equal_autograd_on_the_unsplit_model(tmp_path: Path):
+    cfg = sf_config(
+        tmp_path,
+        **{
+            "federation.clients": 2,
+            "train.optimizer": "sgd",
+            "train.lr": 1.0,
+            "method.prompt_lr": 1.0,
+            "train.max_steps": 1,
+            "method.keep_fraction": 1.0,
+            "method.local_epochs": 0,
+            "method.chunk_batches": 1,
+        },
+    )
+    task = build_task(cfg)
+    no_dropout(task.model)
+    names = task.method.trainable_names
+    initial = read_state(task.model, names)
+    server = task.method.make_server(cfg, initial)
+    grid = LocalGrid(
+        ClientRuntime(task.method, task.model, task.data, cfg, task.device), task.device
+    )
+    outcome = server.run_round(1, grid, [0])
+    kinds = [r.kind for r in outcome.replies]
+    assert kinds == ["sf_start", "sf_tail", "sf_head"]  # one chunk of one batch
+
+    rows = grid.runtime.states[0]["plan"][0]
+    batch = task.data.train.batch(rows[rows >= 0].numpy())
+    reference = load_task_model(
+        cfg.model.name, task.data.num_labels, cfg.model.max_length, cfg.seed
+    )
+    PromptTuning(PromptOptions(num_tokens=3)).attach(reference)
+    write_state(reference, initial)
+    no_dropout(reference)
+    reference.train()
+    params = parameters_by_name(reference, names)
+    loss = F.cross_entropy(reference(batch), batch["labels"])
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for (name, value), grad in zip(params.items(), grads, strict=True):
+        expected = value.detach() - grad  # SGD at lr 1 for prompts and tail
+        torch.testing.assert_close(server.global_state[name], expected, rtol=1e-4, atol=1e-6)
+    prompt_grads = [g for n, g in zip(names, grads, strict=True) if n.startswith("prompt.")]
+    assert prompt_grads and all(float(g.abs().max()) > 0 for g in prompt_grads)
+
+
+def test_el2n_pruning_keeps_the_highest_scores(tmp_path: Path):
+    rows = np.arange(100, 117)
+    scores = np.random.default_rng(0).random(17)
+    for fraction in (0.1, 0.5, 0.77, 1.0):
+        kept = keep_highest(rows, scores, fraction)
+        assert len(kept) == math.ceil(fraction * 17)
+        assert kept.tolist() == (rows[np.argsort(-scores)][: len(kept)]).tolist()
+    task = build_task(tiny_config(tmp_path, "head"))
+    split = task.data.clients[0].train
+    got = el2n_scores(task.model, task.data.train, split, 7, task.device)
+    task.model.eval()
+    with torch.no_grad():
+        batch = task.data.train.batch(split)
+        probs = task.model(batch).softmax(-1)
+    onehot = F.one_hot(batch["labels"], probs.shape[-1]).float()
+    np.testing.assert_allclose(got, (probs - onehot).norm(dim=-1).numpy(), rtol=1e-5)
+
+
+def test_a_round_reports_activation_and_parameter_bytes_apart(tmp_path: Path):
+    cfg = sf_config(tmp_path, **{"method.keep_fraction": 0.5, "method.chunk_batches": 2})
+    task = build_task(cfg)
+    run_dir = Path(cfg.output_dir) / "sf"
+    rundir.start_run_dir(run_dir, "{}", overwrite=False)
+    summary = run_federation(task, run_dir)
+    lines = rundir.read_metrics(run_dir)
+    for line in lines:
+        tensor_bytes = line["bytes_up"] + line["bytes_down"]
+        assert line["activation_bytes"] + line["parameter_bytes"] == tensor_bytes
+        assert line["parameter_bytes"] == 2 * 2 * task.trainable_bytes  # both ways, 2 clients
+        assert line["activation_bytes"] > 0 and line["clients"] == [0, 1]
+        kept = [math.ceil(0.5 * len(task.data.clients[c].train)) for c in (0, 1)]
+        assert line["kept_examples"] == sum(kept)
+        assert line["exchanges"] == 2 * (1 + 2 * 2)  # 3 batches in chunks of 2: 2 chunks
+    assert summary["final_accuracy"] is not None
