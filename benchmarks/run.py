@@ -11,6 +11,7 @@ import demo_noniid  # noqa: E402
 import dp_sst2  # noqa: E402
 import engines  # noqa: E402
 import methods_sst2  # noqa: E402
+import sfprompt_text  # noqa: E402
 import zo_memory  # noqa: E402
 import zo_sst2  # noqa: E402
 
@@ -21,6 +22,7 @@ SECTIONS = {
     "zo-memory": zo_memory.run,
     "zo": zo_sst2.run,
     "dp": dp_sst2.run,
+    "sfprompt": sfprompt_text.run,
 }
 
 
