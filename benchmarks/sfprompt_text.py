@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import SHARED, machine, run_job, write_section
 
-ROUNDS = 4
+ROUNDS = 3
 COMMON = {
     "model.name": "minilm",
     "model.max_length": 48,

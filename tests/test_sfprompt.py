@@ -189,3 +189,20 @@ def test_a_round_reports_activation_and_parameter_bytes_apart(tmp_path: Path):
         assert line["kept_examples"] == sum(kept)
         assert line["exchanges"] == 2 * (1 + 2 * 2)  # 3 batches in chunks of 2: 2 chunks
     assert summary["final_accuracy"] is not None
+
+
+def test_a_resumed_sfprompt_run_equals_an_unbroken_one(tmp_path: Path):
+    sets = {"federation.rounds": 3, "method.chunk_batches": 2}
+    a = Path(tmp_path / "runs" / "a")
+    rundir.start_run_dir(a, "{}", overwrite=False)
+    full = run_federation(build_task(sf_config(tmp_path, **sets)), a)
+    b = Path(tmp_path / "runs" / "b")
+    rundir.start_run_dir(b, "{}", overwrite=False)
+    run_federation(build_task(sf_config(tmp_path, **{**sets, "federation.rounds": 2})), b)
+    resumed = run_federation(build_task(sf_config(tmp_path, **sets)), b, resume=True)
+    assert resumed["final_loss"] == full["final_loss"]
+    ta, _ = rundir.load_checkpoint(a)
+    tb, _ = rundir.load_checkpoint(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
