@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedft.config import RunConfig, build_config
+from fedft.metrics import rundir
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -36,3 +38,13 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"../shared/data/{name} is not here (a user's clone has no ../shared)")
     return path
+
+
+def assert_same_global_state(a: Path, b: Path) -> None:
+    """Two run folders' last checkpoints hold bit-identical global tensors."""
+    ta, _ = rundir.load_checkpoint(a)
+    tb, _ = rundir.load_checkpoint(b)
+    names = [n for n in ta if n.startswith("global.")]
+    assert names and names == [n for n in tb if n.startswith("global.")]
+    for name in names:
+        assert torch.equal(ta[name], tb[name]), name

@@ -10,6 +10,8 @@ batches per exchange (phase 2); the server averages prompts and tails (phase 3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedft.config import RunConfig
@@ -101,16 +103,18 @@ class SfPrompt(Method):
         return self._client(ctx).start(payload)
 
     def tail(self, ctx: ClientContext, payload: Payload) -> Payload:
-        client = self._client(ctx)
-        client.load()
-        reply = client.tail_step(payload)
-        client.save()
-        return reply
+        return self._continue(ctx, payload, SplitClient.tail_step)
 
     def head(self, ctx: ClientContext, payload: Payload) -> Payload:
+        return self._continue(ctx, payload, SplitClient.head_step)
+
+    def _continue(
+        self, ctx: ClientContext, payload: Payload, step: Callable[[SplitClient, Payload], Payload]
+    ) -> Payload:
+        """A later request of the round: pick up where the client's last one left off."""
         client = self._client(ctx)
         client.load()
-        reply = client.head_step(payload)
+        reply = step(client, payload)
         client.save()
         return reply
 
