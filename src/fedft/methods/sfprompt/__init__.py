@@ -54,7 +54,9 @@ class SfPrompt(Method):
     summary = "split + federated: prompts and tail on the client, frozen body on the server"
     options_model = SfPromptOptions
     default_lr = 1e-3
-    privacy_modes = ()  # the split phase has no per-example clipping yet
+    # No DP: the server receives every example's head activations, which DP-SGD on the
+    # parameters would not protect; split learning needs noise on the activations instead.
+    privacy_modes = ()
 
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)
