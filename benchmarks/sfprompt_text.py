@@ -112,7 +112,7 @@ def run(out_dir: Path) -> str:
         "Peak RSS is one process on the local engine: for `sfprompt` it also holds the server's",
         "whole model (the body the clients lack), so a `sfprompt` client alone needs less than shown.",
         "",
-        "Regenerate with `python benchmarks/run.py sfprompt` (about 30 minutes on 2 CPU cores).",
+        "Regenerate with `python benchmarks/run.py sfprompt` (about 8 minutes on 2 CPU cores).",
     ]
     body = "\n".join(lines)
     write_section("sfprompt", body)
