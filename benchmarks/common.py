@@ -38,6 +38,23 @@ def machine() -> str:
     )
 
 
+def minilm_iid_setup(rows: int, rounds: int) -> dict[str, object]:
+    """MiniLM on a fixed `rows`-row subset, IID over 10 clients, 5 per round, 1 local epoch of
+    batch 16, evaluated once at the end: the setting the method comparisons share."""
+    return {
+        "model.name": "minilm",
+        "model.max_length": 48,
+        "data.max_train_samples": rows,
+        "federation.clients": 10,
+        "federation.rounds": rounds,
+        "federation.sample_fraction": 0.5,
+        "federation.eval_every": rounds,
+        "data.partition": "iid",
+        "train.batch_size": 16,
+        "train.epochs": 1,
+    }
+
+
 def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, list[dict]]:
     """One `fedft run` in its own process (so memory is its own); returns summary and metrics."""
     args = [

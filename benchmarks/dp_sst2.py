@@ -10,25 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import DOC, SHARED, machine, run_job, write_section
+from common import DOC, SHARED, machine, minilm_iid_setup, run_job, write_section
 
 METHODS = ["full", "bias", "adapter", "prompt", "lora"]
 SAMPLE_EPSILONS = [8.0, 3.0, 1.0]
 CLIENT_EPSILON = 8.0
 ROUNDS = 5
-COMMON = {
-    "model.name": "minilm",
-    "model.max_length": 48,
-    "data.max_train_samples": 2000,
-    "federation.clients": 10,
-    "federation.rounds": ROUNDS,
-    "federation.sample_fraction": 0.5,
-    "federation.eval_every": ROUNDS,
-    "data.partition": "iid",
-    "train.batch_size": 16,
-    "train.epochs": 1,
-    "privacy.delta": 1e-5,
-}
+COMMON = {**minilm_iid_setup(2000, ROUNDS), "privacy.delta": 1e-5}
 # DP-SGD adds the same noise to every coordinate, so the step it can afford shrinks with the
 # number of coordinates; the clipping bound sets the signal. One setting for every method, from
 # the usual choice (C = 1, the methods' default learning rates).

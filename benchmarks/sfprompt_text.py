@@ -13,21 +13,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common import SHARED, machine, run_job, write_section
+from common import SHARED, machine, minilm_iid_setup, run_job, write_section
 
 ROUNDS = 3
-COMMON = {
-    "model.name": "minilm",
-    "model.max_length": 48,
-    "data.max_train_samples": 1000,
-    "federation.clients": 10,
-    "federation.rounds": ROUNDS,
-    "federation.sample_fraction": 0.5,
-    "federation.eval_every": ROUNDS,
-    "data.partition": "iid",
-    "train.batch_size": 16,
-    "train.epochs": 1,
-}
+COMMON = minilm_iid_setup(1000, ROUNDS)
 SPLIT = {"method.head_blocks": 1, "method.tail_blocks": 1, "method.num_tokens": 20}
 RUNS = [
     ("full", {"method.name": "full"}),

@@ -19,8 +19,6 @@ steps of a chunk are applied after all its gradients are in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,7 @@ from fedft.federation.training import (
     write_state,
 )
 from fedft.methods.sfprompt.pruning import el2n_scores, keep_highest
-from fedft.methods.sfprompt.split import Relay, Skip, Stop
+from fedft.methods.sfprompt.split import Relay, Stop, blocks_skipped
 from fedft.models.backbone import TaskModel
 
 ACT, BODY_OUT, GRAD_BODY, GRAD_HEAD = (
@@ -201,20 +199,6 @@ class SplitClient:
             tensors[MASK] = torch.cat(masks)
         return Payload(tensors, {"chunk": chunk})
 
-    @contextmanager
-    def head_skipped(self) -> Iterator[None]:
-        """While the relay injects the body's output, the head's blocks need not run."""
-        blocks = self.model.blocks()
-        start = self.options.head_blocks
-        kept = [blocks[i] for i in range(start)]
-        for i in range(start):
-            blocks[i] = Skip()
-        try:
-            yield
-        finally:
-            for i, block in enumerate(kept):
-                blocks[i] = block
-
     def tail_step(self, payload: Payload) -> Payload:
         chunk = int(self.ctx.state["chunk"]) if "chunk" in self.ctx.state else 0
         body_out = payload.tensors[BODY_OUT]
@@ -223,7 +207,7 @@ class SplitClient:
         self.model.train()
         self.relay.mode = "inject"
         try:
-            with self.head_skipped():
+            with blocks_skipped(self.model, self.options.head_blocks):  # the relay injects
                 for rows in self.chunk_batches(chunk):
                     batch = self.batch(rows)
                     incoming = body_out[offset : offset + len(rows)].to(self.ctx.device)

@@ -61,6 +61,21 @@ class Relay(nn.Module):
         return hidden_states
 
 
+@contextmanager
+def blocks_skipped(model: TaskModel, count: int) -> Iterator[None]:
+    """The model's first `count` blocks pass hidden states through for the duration: the head's
+    blocks are not needed where the body's input (server) or output (client) comes from outside."""
+    blocks = model.blocks()
+    kept = [blocks[i] for i in range(count)]
+    for i in range(count):
+        blocks[i] = Skip()
+    try:
+        yield
+    finally:
+        for i, block in enumerate(kept):
+            blocks[i] = block
+
+
 def check_cut(model: TaskModel, head_blocks: int, tail_blocks: int) -> tuple[int, int, int]:
     """(first body block, first tail block, number of blocks); refuses a cut with no body."""
     n = len(model.blocks())
@@ -101,9 +116,6 @@ class BodyRunner:
     @contextmanager
     def _body_only(self, activations: torch.Tensor) -> Iterator[None]:
         blocks = self.model.blocks()
-        kept = [blocks[i] for i in range(self.start)]
-        for i in range(self.start):
-            blocks[i] = Skip()
         enter = blocks[self.start].register_forward_pre_hook(
             lambda _m, args, kwargs: (
                 ((activations, *args[1:]), kwargs)
@@ -118,12 +130,11 @@ class BodyRunner:
 
         leave = blocks[self.end - 1].register_forward_hook(stop)
         try:
-            yield
+            with blocks_skipped(self.model, self.start):
+                yield
         finally:
             enter.remove()
             leave.remove()
-            for i, block in enumerate(kept):
-                blocks[i] = block
 
     def forward(self, activations: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The body's output for the head's `activations`. `inputs` are the batch's model inputs
