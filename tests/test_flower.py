@@ -67,12 +67,28 @@ def federation(tmp_path_factory):
 DP_SAMPLE = {"privacy.mode": "sample", "privacy.epsilon": 8}
 # two SuperNodes, one round: three exchanges (start, tail, head) with one chunk of two batches
 SPLIT = {"method.num_tokens": 3, "method.head_blocks": 0, "federation.rounds": 1}
+# round 1 ships the whole sub-model and collects neuron activity; round 2 ships re-aligned slices,
+# which a fresh ClientApp process applies on the copy the node kept in its state
+PROXY = {
+    "method.keep_layers": [0],
+    "method.distill_steps": 5,
+    "method.realign_every": 1,
+    "method.realign_steps": 3,
+    "method.public_rows": 40,
+}
 
 
 @pytest.mark.parametrize(
     ("method", "extra"),
-    [("lora", {}), ("bias", {}), ("zo", {}), ("lora", DP_SAMPLE), ("sfprompt", SPLIT)],
-    ids=["lora", "bias", "zo", "lora-dp", "sfprompt"],
+    [
+        ("lora", {}),
+        ("bias", {}),
+        ("zo", {}),
+        ("lora", DP_SAMPLE),
+        ("sfprompt", SPLIT),
+        ("fedpft", PROXY),
+    ],
+    ids=["lora", "bias", "zo", "lora-dp", "sfprompt", "fedpft"],
 )
 def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
     federation, tmp_path: Path, method: str, extra: dict
@@ -95,6 +111,8 @@ def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
     assert summary["rounds_completed"] == rounds
     assert summary["engine"] == "flower" and summary["final_accuracy"] is not None
     assert all(not m["failed"] and m["clients"] == [0, 1] for m in lines)
+    if method == "fedpft":  # round 2 shipped slices only, which the nodes applied to their copy
+        assert lines[1]["submodel_bytes"] == 0 and lines[1]["realign_bytes"] > 0
 
     local_summary, local_lines = local_run(tmp_path, {**BASE, **extra, "method.name": method})
     assert summary["privacy"] == local_summary["privacy"]  # the ledger counts the same steps

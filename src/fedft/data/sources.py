@@ -69,7 +69,7 @@ def _demo() -> RawData:
     return RawData("text", to_ds(train), to_ds(test), list(LABEL_NAMES), "demo")
 
 
-def _find_file(folder: Path, stems: tuple[str, ...]) -> Path | None:
+def find_file(folder: Path, stems: tuple[str, ...]) -> Path | None:
     for stem in stems:
         for suffix in DATA_SUFFIXES:
             candidate = folder / f"{stem}{suffix}"
@@ -78,7 +78,7 @@ def _find_file(folder: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _read_file(path: Path) -> datasets.Dataset:
+def read_file(path: Path) -> datasets.Dataset:
     fmt = DATA_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)}")
@@ -90,10 +90,10 @@ def _read_file(path: Path) -> datasets.Dataset:
 
 def _local(path: Path, cfg: DataConfig, seed: int) -> RawData:
     if path.is_dir():
-        train_file = _find_file(path, TRAIN_STEMS)
+        train_file = find_file(path, TRAIN_STEMS)
         if train_file is None:
             raise DataError(f"folder {path} has no train.csv, train.jsonl or train.parquet")
-        test_file = Path(cfg.test_file) if cfg.test_file else _find_file(path, TEST_STEMS)
+        test_file = Path(cfg.test_file) if cfg.test_file else find_file(path, TEST_STEMS)
         labels_txt = path / "labels.txt"
     else:
         train_file = path
@@ -101,9 +101,9 @@ def _local(path: Path, cfg: DataConfig, seed: int) -> RawData:
         labels_txt = path.parent / "labels.txt"
     if test_file is not None and not test_file.is_file():
         raise DataError(f"test file {test_file} does not exist")
-    train = _read_file(train_file)
+    train = read_file(train_file)
     if test_file is not None:
-        test = _read_file(test_file)
+        test = read_file(test_file)
     else:
         split = train.train_test_split(test_size=cfg.test_fraction, seed=seed)
         train, test = split["train"], split["test"]

@@ -18,7 +18,7 @@ from fedft.data import FederatedData, build_federated_data, load_raw
 from fedft.errors import BudgetSpent, ConfigError
 from fedft.federation.client import ClientRuntime
 from fedft.federation.grid import Grid, LocalGrid
-from fedft.federation.payload import Message, Payload, Reply
+from fedft.federation.payload import Message, Reply
 from fedft.federation.sampling import clients_per_round, sample_clients
 from fedft.federation.server import Server
 from fedft.federation.training import evaluate, read_state, write_state
@@ -197,20 +197,21 @@ def round_line(
 
 
 def evaluate_global(task: Task, server: Server) -> dict[str, float]:
-    model = server.evaluation_model(task.model)
-    write_state(model, server.model_state())
-    stats = evaluate(model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
-    return {"test_loss": stats.loss, "test_accuracy": stats.accuracy}
+    out = {}
+    for prefix, model in server.evaluation_models(task.model).items():
+        write_state(model, server.model_state())
+        stats = evaluate(model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
+        out.update({f"{prefix}_loss": stats.loss, f"{prefix}_accuracy": stats.accuracy})
+    return out
 
 
 def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) -> dict[str, Any]:
     """Each client scores the final global model on its local test rows (non-IID shows here)."""
     if "evaluate" not in task.method.client_handlers():
         return {}  # a client that cannot run the whole model alone (split learning)
-    state = server.model_state()
     clients = [c for c in range(task.cfg.federation.clients) if len(task.data.clients[c].test) > 0]
     replies = grid.exchange(
-        [Message(c, "evaluate", Payload(dict(state)), round_number) for c in clients]
+        [Message(c, "evaluate", server.evaluation_payload(c), round_number) for c in clients]
     )
     ok = [r for r in replies if r.ok]
     if not ok:
@@ -284,6 +285,12 @@ def make_summary(
         "stopped": totals.stopped,
         "privacy": privacy_summary(task, history),
         "client_eval": client_eval,
+        # other models the server scores beside the main one (e.g. `submodel_test_accuracy`)
+        **{
+            key.replace("_test_", "_final_"): value
+            for key, value in (final or {}).items()
+            if key.endswith("_test_accuracy")
+        },
     }
 
 
@@ -351,7 +358,7 @@ def run_federation(
     finally:
         if progress:
             progress.close()
-    summary = make_summary(task, run_dir, totals, client_eval)
+    summary = {**make_summary(task, run_dir, totals, client_eval), **server.summary()}
     rundir.write_summary(run_dir, summary)
     title = f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)"
     plot_accuracy(totals.history, run_dir / rundir.PLOT, title, chance=1 / task.data.num_labels)

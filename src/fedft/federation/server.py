@@ -52,14 +52,23 @@ class Server:
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         raise NotImplementedError
 
-    def evaluation_model(self, task_model: TaskModel) -> TaskModel:
-        """The model the global state is evaluated in: the process's own, unless the server
-        holds parts the clients do not (split learning)."""
-        return task_model
+    def evaluation_models(self, task_model: TaskModel) -> dict[str, TaskModel]:
+        """The models the global state is evaluated in, by metric prefix; `test` is the run's
+        accuracy. Default: the process's own model; a server that holds parts the clients do not
+        (split learning, a full model behind a sub-model) names its own."""
+        return {"test": task_model}
 
     def model_state(self) -> Tensors:
-        """Tensors to load into the process's model to evaluate the global model."""
+        """Tensors to load into the evaluation models to evaluate the global model."""
         return self.global_state
+
+    def evaluation_payload(self, client: int) -> Payload:
+        """What a client needs to score the global model on its own test rows."""
+        return Payload(dict(self.model_state()))
+
+    def summary(self) -> dict[str, Any]:
+        """Method-specific figures for the run's summary. Default: none."""
+        return {}
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         meta = {"privacy": self.privacy.state_dict()} if self.privacy else {}

@@ -30,6 +30,18 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("client peak memory (RSS)", f"{summary['client_peak_rss_mb']:.0f} MB"),
         ("time", f"{summary['seconds']:.1f} s ({summary['seconds_per_round']:.1f} s/round)"),
     ]
+    proxy = summary.get("fedpft")
+    if proxy:
+        rows.insert(
+            4, ("sub-model accuracy (clients' model)", _pct(summary.get("submodel_final_accuracy")))
+        )
+        rows.append(
+            (
+                "sub-model download, once per client",
+                f"{_bytes(proxy['submodel_download_bytes'])} "
+                f"(sub-model {_bytes(proxy['submodel_bytes'])}, full {_bytes(proxy['full_model_bytes'])})",
+            )
+        )
     if summary.get("client_peak_cuda_mb"):
         rows.append(("client peak CUDA memory", f"{summary['client_peak_cuda_mb']:.0f} MB"))
     ce = summary.get("client_eval") or {}

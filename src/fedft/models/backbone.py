@@ -100,6 +100,13 @@ class TaskModel(nn.Module):
         return self.net.get_input_embeddings()
 
 
+class Skip(nn.Module):
+    """A block that is not here: hidden states pass unchanged (a cut, or a dropped layer)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
 BUILTIN_MODELS = ("minilm", "tiny-bert", "tiny-vit")
 # Tiny random models for tests. At the usual init scale (0.02) a 2-layer random encoder maps every
 # input to nearly the same [CLS] vector, so nothing but LoRA could fit a batch; at 0.3 the features

@@ -47,8 +47,8 @@ class SfPromptServer(FedAvgServer):
         self.body = BodyRunner(full_model, options.head_blocks, options.tail_blocks)
         self.device = next(full_model.parameters()).device
 
-    def evaluation_model(self, task_model: TaskModel) -> TaskModel:
-        return self.model  # the clients' models have no body
+    def evaluation_models(self, task_model: TaskModel) -> dict[str, TaskModel]:
+        return {"test": self.model}  # the clients' models have no body
 
     def body_inputs(self, payload: Payload) -> dict[str, torch.Tensor]:
         """Model inputs of the right shape: the model's own code then builds the body's mask."""

@@ -22,14 +22,7 @@ import torch
 from torch import nn
 
 from fedft.errors import ModelError
-from fedft.models.backbone import TaskModel
-
-
-class Skip(nn.Module):
-    """A block that is not here: hidden states pass unchanged."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
+from fedft.models.backbone import Skip, TaskModel
 
 
 class Stop(Exception):
