@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_noniid  # noqa: E402
 import dp_sst2  # noqa: E402
 import engines  # noqa: E402
+import fedpft_sst2  # noqa: E402
 import methods_sst2  # noqa: E402
 import sfprompt_text  # noqa: E402
 import zo_memory  # noqa: E402
@@ -23,6 +24,7 @@ SECTIONS = {
     "zo": zo_sst2.run,
     "dp": dp_sst2.run,
     "sfprompt": sfprompt_text.run,
+    "fedpft": fedpft_sst2.run,
 }
 
 
