@@ -21,7 +21,7 @@ from fedft.federation.grid import Grid, LocalGrid
 from fedft.federation.payload import Message, Reply
 from fedft.federation.sampling import clients_per_round, sample_clients
 from fedft.federation.server import Server
-from fedft.federation.training import evaluate, read_state, write_state
+from fedft.federation.training import evaluate, read_state
 from fedft.methods import Method, get_method
 from fedft.metrics import rundir
 from fedft.metrics.plots import plot_accuracy
@@ -56,6 +56,7 @@ class Task:
 def build_task(cfg: RunConfig) -> Task:
     raw = load_raw(cfg.data, cfg.seed)
     model = load_task_model(cfg.model.name, raw.num_labels, cfg.model.max_length, cfg.seed)
+    model.label_names = list(raw.label_names)
     data = build_federated_data(cfg, raw, model.preprocess)
     method = get_method(cfg.method.name)(cfg.method_options())
     method.check_run(cfg)
@@ -199,10 +200,9 @@ def round_line(
 def evaluate_global(task: Task, server: Server) -> dict[str, float]:
     out = {}
     for prefix, model in server.evaluation_models(task.model).items():
-        write_state(model, server.model_state())
         stats = evaluate(model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
         out.update({f"{prefix}_loss": stats.loss, f"{prefix}_accuracy": stats.accuracy})
-    return out
+    return {**out, **server.evaluation_costs()}
 
 
 def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) -> dict[str, Any]:

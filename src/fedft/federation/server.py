@@ -10,11 +10,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from fedft.config import RunConfig
 from fedft.errors import BudgetSpent, RunStopped
 from fedft.federation.aggregation import ServerOptimizer, Tensors, weighted_mean
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload, Reply
+from fedft.federation.training import write_state
 from fedft.models.backbone import TaskModel
 from fedft.privacy.accounting import POPULATION, PrivacyLedger, plan_population
 from fedft.privacy.client_level import noisy_mean_update
@@ -52,14 +55,21 @@ class Server:
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         raise NotImplementedError
 
-    def evaluation_models(self, task_model: TaskModel) -> dict[str, TaskModel]:
-        """The models the global state is evaluated in, by metric prefix; `test` is the run's
-        accuracy. Default: the process's own model; a server that holds parts the clients do not
-        (split learning, a full model behind a sub-model) names its own."""
+    def evaluation_models(self, task_model: TaskModel) -> dict[str, nn.Module]:
+        """The models that score the global state, by metric prefix (`test` is the run's
+        accuracy), each already carrying it. Default: the process's own model; a server that
+        holds parts the clients do not (split learning, a full model behind a sub-model, a
+        black-box large model) names its own."""
+        write_state(task_model, self.model_state())
         return {"test": task_model}
 
+    def evaluation_costs(self) -> dict[str, Any]:
+        """What scoring the global model cost beyond the clients (e.g. queries to a large model),
+        for the round's line. Default: nothing."""
+        return {}
+
     def model_state(self) -> Tensors:
-        """Tensors to load into the evaluation models to evaluate the global model."""
+        """The global tensors a model needs to score the global model."""
         return self.global_state
 
     def evaluation_payload(self, client: int) -> Payload:

@@ -57,6 +57,7 @@ class TaskModel(nn.Module):
         self.preprocess = preprocess
         self.source = source
         self.input_hooks: list[InputHook] = []
+        self.label_names = [str(i) for i in range(num_labels)]  # the task's, once it is known
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.kind == "text":
@@ -183,7 +184,8 @@ def _pretrained(name: str, num_labels: int, max_length: int) -> tuple[nn.Module,
         )
         raise ModelError(f"cannot load model '{name}': {where} ({first[:160]})") from exc
     image = hasattr(config, "image_size") and hasattr(config, "num_channels")
-    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    # num_labels None: keep the checkpoint's own classifier (and its labels)
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
     try:
         if image:
             net = AutoModelForImageClassification.from_pretrained(source, **kwargs)
@@ -203,19 +205,20 @@ def _pretrained(name: str, num_labels: int, max_length: int) -> tuple[nn.Module,
     return net, Preprocess("text", tokenizer=tokenizer, max_length=max_length)
 
 
-def load_task_model(name: str, num_labels: int, max_length: int, seed: int) -> TaskModel:
-    """The backbone with a fresh classifier for `num_labels`; the classifier's init follows `seed`."""
+def load_task_model(name: str, num_labels: int | None, max_length: int, seed: int) -> TaskModel:
+    """The backbone with a fresh classifier for `num_labels` (None: the checkpoint's own
+    classifier; tiny models then have 2 labels); the classifier's init follows `seed`."""
     _quiet_transformers()
     torch.manual_seed(seed)
     if name == "tiny-bert":
-        net, pre = _tiny_bert(num_labels, max_length)
+        net, pre = _tiny_bert(num_labels or 2, max_length)
     elif name == "tiny-vit":
-        net, pre = _tiny_vit(num_labels)
+        net, pre = _tiny_vit(num_labels or 2)
     else:
         path = minilm_path() if name == "minilm" else name
         net, pre = _pretrained(path, num_labels, max_length)
     net.train()
-    return TaskModel(net, pre.kind, num_labels, pre, source=name)
+    return TaskModel(net, pre.kind, int(net.config.num_labels), pre, source=name)
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from fedft.config import RunConfig
+from fedft.data.public import load_public
 from fedft.errors import ConfigError
 from fedft.federation.aggregation import Tensors
 from fedft.federation.client import ClientContext, Handler
@@ -28,7 +29,6 @@ from fedft.federation.payload import Payload
 from fedft.federation.server import Server
 from fedft.methods import register
 from fedft.methods.fedpft.activity import Measure, neuron_activity
-from fedft.methods.fedpft.public import load_public
 from fedft.methods.fedpft.server import ACTIVITY, REALIGN, SUBMODEL, FedPftServer
 from fedft.methods.fedpft.submodel import (
     Ffn,

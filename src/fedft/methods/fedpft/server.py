@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from fedft.config import RunConfig
+from fedft.data.public import PublicInputs
 from fedft.federation.aggregation import Tensors
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload, Reply
 from fedft.federation.server import FedAvgServer, RoundOutcome, mean_train_loss
 from fedft.federation.training import write_state
 from fedft.methods.fedpft.distill import Distiller, DistillReport
-from fedft.methods.fedpft.public import PublicInputs
 from fedft.methods.fedpft.submodel import Ffn, ffn_parameters, slice_tensors
 from fedft.models.backbone import TaskModel
 
@@ -196,6 +196,8 @@ class FedPftServer(FedAvgServer):
     def evaluation_models(self, task_model: TaskModel) -> dict[str, TaskModel]:
         """The full model with the learned LoRA and head plugged in is what the user gets; the
         sub-model the clients trained on is scored beside it."""
+        for model in (self.full, self.sub):
+            write_state(model, self.global_state)
         return {"test": self.full, "submodel_test": self.sub}
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:

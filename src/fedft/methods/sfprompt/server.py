@@ -48,6 +48,7 @@ class SfPromptServer(FedAvgServer):
         self.device = next(full_model.parameters()).device
 
     def evaluation_models(self, task_model: TaskModel) -> dict[str, TaskModel]:
+        write_state(self.model, self.model_state())
         return {"test": self.model}  # the clients' models have no body
 
     def body_inputs(self, payload: Payload) -> dict[str, torch.Tensor]:

@@ -1,0 +1,170 @@
+"""The `fedpt` server: averages the small model's LoRA and head like FedAvg, then (optionally)
+distils the proxy-tuned large model into the small one on public unlabeled inputs, and scores the
+large model alone, the small tuned model alone and the proxy-tuned large model.
+
+The large model is only ever asked for logits, through a cache: it is frozen, so each input is
+asked once. Its queries (count and bytes) are reported apart from the clients' bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedft.config import RunConfig
+from fedft.data.public import PublicInputs
+from fedft.federation.aggregation import Tensors
+from fedft.federation.grid import Grid
+from fedft.federation.server import FedAvgServer, RoundOutcome
+from fedft.federation.training import batches, parameters_by_name, read_state, write_state
+from fedft.methods.fedpt.logits import CountingCache
+from fedft.methods.fedpt.proxy import (
+    LargeAlone,
+    ProxyTuned,
+    batch_texts,
+    distillation_kl,
+    proxy_logits,
+)
+from fedft.models.backbone import TaskModel
+
+
+class FedPtServer(FedAvgServer):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        initial: Tensors,
+        large: CountingCache,
+        small: TaskModel,
+        untuned: TaskModel,
+        public: PublicInputs | None,
+        options: Any,
+        device: torch.device,
+    ):
+        super().__init__(cfg, initial)
+        self.large, self.small, self.untuned, self.public = large, small, untuned, public
+        self.options = options
+        self.device = device
+        self.reported = (0, 0)  # large-model queries and bytes already reported
+        self.reports: list[dict[str, float]] = []
+        for model in (small, untuned):
+            write_state(model, initial)
+
+    def query_costs(self, when: str) -> dict[str, int]:
+        """Large-model queries (and their bytes) since the last report: in the round's training
+        and distillation (`when` = "round") or in scoring the global model ("eval")."""
+        done = (self.large.queries, self.large.query_bytes)
+        delta = {
+            f"large_queries_{when}": done[0] - self.reported[0],
+            f"large_query_bytes_{when}": done[1] - self.reported[1],
+        }
+        self.reported = done
+        return delta
+
+    def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
+        outcome = super().run_round(round_number, grid, clients)
+        if self.public is not None and self.options.distill_steps > 0:
+            outcome.metrics.update(self.distil(round_number))
+        outcome.metrics.update(self.query_costs("round"))
+        return outcome
+
+    # --- distillation -------------------------------------------------------------------------
+    def _inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        assert self.public is not None
+        return {k: v.to(self.device) for k, v in self.public.data.batch(rows).items()}
+
+    @torch.no_grad()
+    def _teacher(self, rows: torch.Tensor) -> torch.Tensor:
+        """The proxy-tuned large model's logits on public rows, with the small model as it is."""
+        out = []
+        self.small.eval()
+        for start in range(0, len(rows), 64):
+            batch = self._inputs(rows[start : start + 64].numpy())
+            large = self.large.logits(batch_texts(self.small, batch)).to(self.device)
+            out.append(
+                proxy_logits(large, self.small(batch), self.untuned(batch), self.options.alpha)
+            )
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _heldout_kl(self, rows: torch.Tensor, teacher: torch.Tensor) -> float:
+        self.small.eval()
+        student = torch.cat(
+            [self.small(self._inputs(rows[s : s + 64].numpy())) for s in range(0, len(rows), 64)]
+        )
+        return float(distillation_kl(teacher, student, self.options.temperature))
+
+    def distil(self, round_number: int) -> dict[str, float]:
+        """Train the small model's LoRA and head to match the proxy-tuned large model (targets
+        fixed before the first step) on the public rows; the result is the new global state."""
+        assert self.public is not None
+        o, p = self.options, self.public
+        started = time.perf_counter()
+        write_state(self.small, self.global_state)
+        rows = torch.cat([p.train, p.heldout])
+        targets = self._teacher(rows)
+        by_row = dict(zip(rows.tolist(), targets, strict=True))
+        held_targets = torch.stack([by_row[r] for r in p.heldout.tolist()])
+        before = self._heldout_kl(p.heldout, held_targets)
+        names = list(self.global_state)
+        params = list(parameters_by_name(self.small, names).values())
+        for param in params:
+            param.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=o.distill_lr)
+        generator = torch.Generator().manual_seed(self.cfg.seed + round_number)
+        self.small.train()
+        torch.manual_seed(self.cfg.seed + round_number)  # dropout
+        taken = 0
+        while taken < o.distill_steps:
+            for index in batches(p.train.numpy(), o.distill_batch_size, generator):
+                teacher = torch.stack([by_row[int(r)] for r in index])
+                loss = distillation_kl(teacher, self.small(self._inputs(index)), o.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                taken += 1
+                if taken >= o.distill_steps:
+                    break
+        for param in params:
+            param.requires_grad_(False)
+            param.grad = None
+        after = self._heldout_kl(p.heldout, held_targets)
+        self.global_state = read_state(self.small, names)
+        report = {"distill_kl_before": before, "distill_kl_after": after}
+        self.reports.append(report)
+        return {**report, "distill_seconds": time.perf_counter() - started}
+
+    # --- evaluation, checkpoint, summary ------------------------------------------------------
+    def evaluation_models(self, task_model: TaskModel) -> dict[str, nn.Module]:
+        write_state(self.small, self.global_state)
+        return {
+            "test": ProxyTuned(self.large, self.small, self.untuned, self.options.alpha),
+            "small_test": self.small,
+            "large_test": LargeAlone(self.large, self.small),
+        }
+
+    def evaluation_costs(self) -> dict[str, Any]:
+        return self.query_costs("eval")
+
+    def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        tensors, meta = super().state_dict()
+        meta["fedpt"] = {"reports": self.reports}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, meta)
+        self.reports = list(meta.get("fedpt", {}).get("reports", []))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fedpt": {
+                "alpha": self.options.alpha,
+                "large_output_space": self.large.space.describe(),
+                "large_queries": self.large.queries,
+                "large_query_bytes": self.large.query_bytes,
+                "distillations": self.reports,
+            }
+        }
