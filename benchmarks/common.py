@@ -134,3 +134,53 @@ def plot_accuracy_vs_mb(curves: dict[str, list[dict]], out: Path, title: str) ->
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def client_probe(sets: dict[str, object]) -> dict:
+    """Runs inside a child process: build only the client's model, run one client's local epoch,
+    and measure it."""
+    import ctypes
+    import gc
+
+    import torch
+
+    from fedft.config import build_config
+    from fedft.federation.engine import build_task
+    from fedft.federation.training import train_locally
+    from fedft.metrics.measure import measure
+
+    torch.set_num_threads(2)
+    task = build_task(build_config(base=sets))
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what building the client's model dropped
+    rows = task.data.clients[0].train
+    with measure() as m:
+        train_locally(
+            task.model, task.method.trainable_names, task.data.train, rows, task.cfg.train,
+            task.method.lr(task.cfg), 0, task.device,
+        )  # fmt: skip
+    held = sum(p.numel() * p.element_size() for p in task.model.parameters())
+    return {"peak_rss_mb": m.peak_rss_bytes / 1e6, "model_mb": held / 1e6}
+
+
+def client_memory(sets: dict[str, object], repeats: int = 3) -> tuple[float, float]:
+    """(median peak RSS MB of one client's local epoch, each in a fresh process that holds only
+    the client's model; MB of parameters that model holds). The local engine's own figure also
+    counts whatever the server holds in the same process."""
+    payload = json.dumps(json.dumps(sets, default=str))
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import common; "
+        f"print(json.dumps(common.client_probe(json.loads({payload}))))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    peaks, held = [], 0.0
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"[bench] memory probe failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        peaks.append(result["peak_rss_mb"])
+        held = result["model_mb"]
+    return statistics.median(peaks), held

@@ -10,16 +10,12 @@ several such processes is quoted.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from common import SHARED, machine, minilm_iid_setup, run_job, write_section
+from common import SHARED, client_memory, machine, minilm_iid_setup, run_job, write_section
 
-ROUNDS, ROWS, REPEATS = 5, 2000, 3
+ROUNDS, ROWS = 5, 2000
 COMMON = minilm_iid_setup(ROWS, ROUNDS)
 PROXY = {
     "method.name": "fedpft",
@@ -45,53 +41,6 @@ RUNS = [
 ]
 
 
-def client_probe(sets: dict[str, object]) -> dict:
-    """Runs inside a child process: the client's model and one local epoch, measured."""
-    import ctypes
-    import gc
-
-    import torch
-
-    from fedft.config import build_config
-    from fedft.federation.engine import build_task
-    from fedft.federation.training import train_locally
-    from fedft.metrics.measure import measure
-
-    torch.set_num_threads(2)
-    task = build_task(build_config(base=sets))
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # return the pretrained weights compression dropped
-    rows = task.data.clients[0].train
-    with measure() as m:
-        train_locally(
-            task.model, task.method.trainable_names, task.data.train, rows, task.cfg.train,
-            task.method.lr(task.cfg), 0, task.device,
-        )  # fmt: skip
-    held = sum(p.numel() * p.element_size() for p in task.model.parameters())
-    return {"peak_rss_mb": m.peak_rss_bytes / 1e6, "model_mb": held / 1e6}
-
-
-def probe(sets: dict[str, object]) -> tuple[float, float]:
-    """(median peak RSS MB of one client's epoch, MB of parameters the client's model holds)."""
-    peaks, held = [], 0.0
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import fedpft_sst2; "
-        f"print(json.dumps(fedpft_sst2.client_probe(json.loads({json.dumps(json.dumps(sets, default=str))}))))"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for _ in range(REPEATS):
-        root = Path(__file__).resolve().parents[1]
-        done = subprocess.run(
-            [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"[bench] memory probe failed:\n{done.stderr[-2000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        peaks.append(result["peak_rss_mb"])
-        held = result["model_mb"]
-    return statistics.median(peaks), held
-
-
 def run(out_dir: Path) -> str:
     for folder in ("sst2", "ag_news"):
         if not (SHARED / folder).is_dir():
@@ -112,7 +61,7 @@ def run(out_dir: Path) -> str:
         "1 and 3 whole (as many parameters as the FFN cut removes) and is not distilled.",
         "Accuracy: the full model with the learned LoRA and head plugged in, on the 872-row validation",
         "set; the sub-model's own accuracy beside it. Client peak RSS: a fresh process holding only",
-        f"the client's model runs one client's local epoch (median of {REPEATS} processes).",
+        "the client's model runs one client's local epoch (median of 3 processes).",
         "",
         "| run | full-model acc. | sub-model acc. | client model MB | client peak RSS | LoRA MB / round | one-time MB / client | re-alignment MB (run) |",
         "|---|---|---|---|---|---|---|---|",
@@ -121,7 +70,7 @@ def run(out_dir: Path) -> str:
     for label, tag, sets in RUNS:
         job = {**COMMON, **data, **sets}
         summary, metrics = run_job(f"fedpft-{tag}", out_dir, job)
-        peak, held = probe({**job, "data.max_train_samples": ROWS})
+        peak, held = client_memory(job)
         proxy = summary.get("fedpft") or {}
         lora_mb = statistics.median(
             m.get("parameter_bytes", m["bytes_up"] + m["bytes_down"]) for m in metrics

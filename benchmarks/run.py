@@ -11,6 +11,7 @@ import demo_noniid  # noqa: E402
 import dp_sst2  # noqa: E402
 import engines  # noqa: E402
 import fedpft_sst2  # noqa: E402
+import fedpt_text  # noqa: E402
 import methods_sst2  # noqa: E402
 import sfprompt_text  # noqa: E402
 import zo_memory  # noqa: E402
@@ -25,6 +26,7 @@ SECTIONS = {
     "dp": dp_sst2.run,
     "sfprompt": sfprompt_text.run,
     "fedpft": fedpft_sst2.run,
+    "fedpt": fedpt_text.run,
 }
 
 

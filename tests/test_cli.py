@@ -63,6 +63,28 @@ def write_csv(path: Path, header: str, rows: list[str]) -> Path:
             ["--method", "zo", "--set", "privacy.mode=client", "--set", "privacy.epsilon=8"],
             "privacy.mode=client: method 'zo' does not offer it",
         ),
+        (  # refused by the server it would build: the run folder is not created either
+            [
+                "--method",
+                "fedpt",
+                "--set",
+                "method.large_head=own",
+                "--set",
+                "method.small_layers=1",
+            ],
+            "the large model answers over 2 labels",
+        ),
+        (
+            [
+                "--method",
+                "fedpft",
+                "--set",
+                "method.keep_layers=[0]",
+                "--set",
+                "method.public_data=./public/missing.csv",
+            ],
+            "method.public_data: ./public/missing.csv does not exist",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path: Path, args, needle):

@@ -76,6 +76,8 @@ PROXY = {
     "method.realign_steps": 3,
     "method.public_rows": 40,
 }
+# the large model (all of tiny-bert, zero-shot) stays with the ServerApp; nodes tune block 0
+STEERED = {"method.small_layers": 1, "method.distill_steps": 5, "method.public_rows": 40}
 
 
 @pytest.mark.parametrize(
@@ -87,8 +89,9 @@ PROXY = {
         ("lora", DP_SAMPLE),
         ("sfprompt", SPLIT),
         ("fedpft", PROXY),
+        ("fedpt", STEERED),
     ],
-    ids=["lora", "bias", "zo", "lora-dp", "sfprompt", "fedpft"],
+    ids=["lora", "bias", "zo", "lora-dp", "sfprompt", "fedpft", "fedpt"],
 )
 def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
     federation, tmp_path: Path, method: str, extra: dict

@@ -60,7 +60,7 @@ class TqdmProgress:
 
 def _run(args: argparse.Namespace) -> int:
     from fedft.config import build_config, validate_config
-    from fedft.federation.engine import build_task, run_federation
+    from fedft.federation.engine import build_task, make_server, run_federation
     from fedft.metrics import rundir
     from fedft.metrics.report import format_summary
 
@@ -97,11 +97,13 @@ def _run(args: argparse.Namespace) -> int:
                 "--resume: only federation.rounds may change on resume; start a new run for other changes"
             )
         task = build_task(cfg)
+        server = make_server(task)
         rundir.load_checkpoint(run_dir)  # fails clearly before anything is touched
         rundir.write_config(run_dir, cfg)
     else:
         cfg = build_config(args.config, args.set, base=shortcuts)
         task = build_task(cfg)  # every input check happens here, before any file is written
+        server = make_server(task)  # and the server's own (a model or data only it loads)
         run_dir = rundir.new_run_dir(cfg, args.overwrite)
 
     print(
@@ -112,7 +114,11 @@ def _run(args: argparse.Namespace) -> int:
         flush=True,
     )
     summary = run_federation(
-        task, run_dir, resume=bool(args.resume), progress=None if args.quiet else TqdmProgress()
+        task,
+        run_dir,
+        resume=bool(args.resume),
+        progress=None if args.quiet else TqdmProgress(),
+        server=server,
     )
     print(format_summary(summary))
     chance = 1 / task.data.num_labels

@@ -13,7 +13,7 @@ import torch
 from fedft.config import DataConfig
 from fedft.data.demo import demo_splits
 from fedft.data.encode import TensorData, encode
-from fedft.data.sources import TRAIN_STEMS, find_file, load_raw, read_file
+from fedft.data.sources import TRAIN_STEMS, find_file, load_raw, looks_like_path, read_file
 from fedft.errors import DataError
 from fedft.models.backbone import Preprocess
 
@@ -30,6 +30,8 @@ def _texts(source: str, column: str) -> list[str]:
         train, _ = demo_splits()
         return [text for text, _ in train]
     path = Path(source).expanduser()
+    if not path.exists() and looks_like_path(source):
+        raise DataError(f"method.public_data: {source} does not exist; name a text file or folder")
     if path.is_dir():
         found = find_file(path, TRAIN_STEMS)
         if found is None:

@@ -45,7 +45,7 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
         path = Path(cfg.source).expanduser()
         if path.exists():
             raw = _local(path, cfg, seed)
-        elif _looks_like_path(cfg.source):
+        elif looks_like_path(cfg.source):
             raise DataError(
                 f"data path {cfg.source} does not exist; give a csv/jsonl/parquet file or a folder holding train.* (and test.*)"
             )
@@ -54,7 +54,7 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
     return _subset(raw, cfg, seed)
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in DATA_SUFFIXES
 
 

@@ -294,19 +294,27 @@ def make_summary(
     }
 
 
+def make_server(task: Task) -> Server:
+    """The method's server, from the task's starting trainable state. It may load models and data
+    of its own (a full model, a large model, public inputs) and refuse what does not fit."""
+    return task.method.make_server(task.cfg, read_state(task.model, task.method.trainable_names))
+
+
 def run_federation(
     task: Task,
     run_dir: Path,
     resume: bool = False,
     progress: Progress | None = None,
     grid: Grid | None = None,
+    server: Server | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the rounds; writes metrics, checkpoint, summary and plot into `run_dir`.
 
     `grid` carries the messages: by default every client runs in this process (the local engine);
-    the Flower adapter passes a grid over a real federation."""
+    the Flower adapter passes a grid over a real federation. `server`: one already made (so its
+    checks ran before the run folder was created)."""
     cfg = task.cfg
-    server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
+    server = server or make_server(task)
     first_round, history = 1, []
     if resume:
         tensors, meta = rundir.load_checkpoint(run_dir)
