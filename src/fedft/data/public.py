@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 
 from fedft.config import DataConfig
 from fedft.data.demo import demo_splits
@@ -16,6 +17,25 @@ from fedft.data.encode import TensorData, encode
 from fedft.data.sources import TRAIN_STEMS, find_file, load_raw, looks_like_path, read_file
 from fedft.errors import DataError
 from fedft.models.backbone import Preprocess
+
+
+class PublicDataOptions(BaseModel):
+    """The options of a method that distils on the server's public inputs."""
+
+    public_data: str = Field(
+        "demo", description="public unlabeled inputs for distillation (read like data.source)"
+    )
+    public_text_column: str = Field("text", description="text column of public_data")
+    public_rows: int = Field(1000, ge=1, description="public rows used to distil")
+    public_heldout: int = Field(
+        100, ge=1, description="further public rows only scored (the loss before and after)"
+    )
+
+    def load_public(self, pre: Preprocess, seed: int) -> PublicInputs:
+        return load_public(
+            self.public_data, self.public_text_column, self.public_rows, self.public_heldout,
+            pre, seed,
+        )  # fmt: skip
 
 
 @dataclass

@@ -23,6 +23,11 @@ class LoraOptions(BaseModel):
         None, description="module names to adapt (None: the model's query/value projections)"
     )
 
+    @classmethod
+    def part_of(cls, options: BaseModel) -> LoraOptions:
+        """The LoRA options inside a method's larger options (methods that reuse `lora`)."""
+        return cls(**{k: getattr(options, k) for k in cls.model_fields})
+
 
 def _leaf_names(net: nn.Module) -> set[str]:
     return {

@@ -21,10 +21,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from fedft.config import RunConfig
-from fedft.data.public import load_public
+from fedft.data.public import PublicDataOptions
 from fedft.errors import ConfigError
 from fedft.federation.aggregation import Tensors
-from fedft.federation.client import ClientContext, Handler
+from fedft.federation.client import ClientContext
 from fedft.federation.payload import Payload
 from fedft.federation.server import Server
 from fedft.methods import register
@@ -45,7 +45,7 @@ from fedft.models.backbone import TaskModel, load_task_model, resolve_device
 HELD = "held."  # client state: the sub-model tensors this client was sent
 
 
-class FedPftOptions(LoraOptions):
+class FedPftOptions(LoraOptions, PublicDataOptions):
     compression: Literal["ffn", "layer_drop"] = Field(
         "ffn", description="ffn: keep the most salient FFN neurons; layer_drop: drop whole blocks"
     )
@@ -58,14 +58,6 @@ class FedPftOptions(LoraOptions):
     )
     keep_layers: list[int] = Field(
         [0, -1], description="blocks never compressed (negative: from the end)"
-    )
-    public_data: str = Field(
-        "demo", description="public unlabeled inputs for distillation (read like data.source)"
-    )
-    public_text_column: str = Field("text", description="text column of public_data")
-    public_rows: int = Field(1000, ge=1, description="public rows used to distil")
-    public_heldout: int = Field(
-        100, ge=1, description="further public rows only scored (loss before/after)"
     )
     distill_steps: int = Field(200, ge=0, description="layer-level distillation steps (0: none)")
     distill_lr: float = Field(1e-4, gt=0, description="Adam learning rate of distillation")
@@ -86,9 +78,6 @@ class FedPftOptions(LoraOptions):
         "pre-activations <= 0)",
     )
     activity_rows: int = Field(256, ge=1, description="client rows scored for neuron activity")
-
-    def lora(self) -> LoraOptions:
-        return LoraOptions(**{k: getattr(self, k) for k in LoraOptions.model_fields})
 
 
 @register
@@ -133,14 +122,11 @@ class FedPft(Lora):
         return ffns
 
     def attach(self, model: TaskModel) -> None:
-        Lora(self.options.lora()).attach(model)
+        Lora(LoraOptions.part_of(self.options)).attach(model)
         self.num_labels = model.num_labels
         self.ffns = self.compress(model)
 
     # --- client -------------------------------------------------------------------------------
-    def client_handlers(self) -> dict[str, Handler]:
-        return {"train": self.client_train, "evaluate": self.client_evaluate}
-
     def receive_submodel(self, ctx: ClientContext, payload: Payload) -> Payload:
         """Install what the server sent (the whole sub-model, or re-aligned slices) on top of what
         the client holds; returns the rest of the payload.
@@ -196,7 +182,7 @@ class FedPft(Lora):
         """The full model (with LoRA, so the learned LoRA plugs in) and a sub-model made from it
         the same way the clients' is; the public inputs if distillation is on."""
         full = load_task_model(cfg.model.name, self.num_labels, cfg.model.max_length, cfg.seed)
-        Lora(self.options.lora()).attach(full)
+        Lora(LoraOptions.part_of(self.options)).attach(full)
         sub = copy.deepcopy(full)
         ffns = self.compress(sub)
         device = resolve_device(cfg.device)
@@ -207,8 +193,5 @@ class FedPft(Lora):
         o = self.options
         public = None
         if ffns and (o.distill_steps or o.realign_every):
-            public = load_public(
-                o.public_data, o.public_text_column, o.public_rows, o.public_heldout,
-                full.preprocess, cfg.seed,
-            )  # fmt: skip
+            public = o.load_public(full.preprocess, cfg.seed)
         return FedPftServer(cfg, initial, full, sub, ffns, public, o, device)

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from fedft.config import RunConfig
-from fedft.data.public import load_public
+from fedft.data.public import PublicDataOptions
 from fedft.errors import ModelError
 from fedft.federation.aggregation import Tensors
 from fedft.federation.server import Server
@@ -40,7 +40,7 @@ from fedft.methods.lora import Lora, LoraOptions
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device
 
 
-class FedPtOptions(LoraOptions):
+class FedPtOptions(LoraOptions, PublicDataOptions):
     large: str | None = Field(
         None, description="the large model (like model.name; None: model.name, all its blocks)"
     )
@@ -63,15 +63,6 @@ class FedPtOptions(LoraOptions):
     distill_lr: float = Field(1e-3, gt=0, description="Adam learning rate of distillation")
     distill_batch_size: int = Field(32, ge=1, description="distillation batch size")
     temperature: float = Field(2.0, gt=0, description="distillation temperature T")
-    public_data: str = Field(
-        "demo", description="public unlabeled texts for distillation (read like data.source)"
-    )
-    public_text_column: str = Field("text", description="text column of public_data")
-    public_rows: int = Field(1000, ge=1, description="public rows used to distil")
-    public_heldout: int = Field(100, ge=1, description="further public rows only scored (KL)")
-
-    def lora(self) -> LoraOptions:
-        return LoraOptions(**{k: getattr(self, k) for k in LoraOptions.model_fields})
 
 
 @register
@@ -95,7 +86,7 @@ class FedPt(Lora):
             keep_first_blocks(model, o.small_layers)
         if o.large_head == "zero_shot":
             make_zero_shot(model, o.label_template, o.zero_shot_scale)
-        Lora(o.lora()).attach(model)
+        Lora(LoraOptions.part_of(o)).attach(model)
 
     def attach(self, model: TaskModel) -> None:
         if model.kind != "text":
@@ -138,8 +129,5 @@ class FedPt(Lora):
         o = self.options
         public = None
         if o.distill_steps > 0:
-            public = load_public(
-                o.public_data, o.public_text_column, o.public_rows, o.public_heldout,
-                small.preprocess, cfg.seed,
-            )  # fmt: skip
+            public = o.load_public(small.preprocess, cfg.seed)
         return FedPtServer(cfg, initial, large, small, untuned, public, o, device)
