@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fedft.data.encode import TensorData
-from fedft.federation.training import batches
+from fedft.federation.training import step_batches
 from fedft.methods.fedpft.submodel import Ffn
 from fedft.models.backbone import TaskModel
 
@@ -122,6 +123,7 @@ class Distiller:
         weight_product: float,
         seed: int,
         after_step=None,
+        desc: str = "distilling",
     ) -> None:
         """`steps` Adam steps on `params` (dropout off in both models: the targets are exact)."""
         optimizer = torch.optim.Adam(params, lr=lr)
@@ -129,24 +131,22 @@ class Distiller:
         was = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)
-        taken = 0
-        with _eval(self.student, self.teacher):
-            while taken < steps:
-                for index in batches(rows.numpy(), batch_size, generator):
-                    batch = {k: v.to(self.device) for k, v in data.batch(index).items()}
-                    loss = self._loss(batch)
-                    if weight_product > 0:
-                        loss = loss + weight_product * weight_product_loss(
-                            self.student, self.teacher, self.ffns
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if after_step is not None:
-                        after_step()
-                    taken += 1
-                    if taken >= steps:
-                        break
+        # a bar on a terminal only (tqdm turns itself off elsewhere): this can take a minute
+        bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=None)
+        with _eval(self.student, self.teacher), bar:
+            for index in step_batches(rows.numpy(), batch_size, steps, generator, None):
+                batch = {k: v.to(self.device) for k, v in data.batch(index).items()}
+                loss = self._loss(batch)
+                if weight_product > 0:
+                    loss = loss + weight_product * weight_product_loss(
+                        self.student, self.teacher, self.ffns
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+                bar.update()
         for p, flag in zip(params, was, strict=True):
             p.requires_grad_(flag)
             p.grad = None

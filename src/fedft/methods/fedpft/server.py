@@ -129,14 +129,16 @@ class FedPftServer(FedAvgServer):
         return RoundOutcome(replies, {**metrics, **self.account(ok, spent)})
 
     # --- distillation -------------------------------------------------------------------------
-    def _distil(self, params: list, steps: int, seed: int, after_step=None) -> DistillReport:
+    def _distil(
+        self, params: list, steps: int, seed: int, desc: str, after_step=None
+    ) -> DistillReport:
         assert self.public is not None
         o, p = self.options, self.public
         started = time.perf_counter()
         before = self.distiller.heldout_loss(p.data, p.heldout, o.distill_batch_size)
         self.distiller.train(
             params, p.data, p.train, steps, o.distill_batch_size, o.distill_lr,
-            o.weight_product, seed, after_step,
+            o.weight_product, seed, after_step, desc,
         )  # fmt: skip
         after = self.distiller.heldout_loss(p.data, p.heldout, o.distill_batch_size)
         return DistillReport(before, after, steps, time.perf_counter() - started)
@@ -147,7 +149,9 @@ class FedPftServer(FedAvgServer):
         if self.public is None or self.options.distill_steps == 0:
             return {}
         params = list(ffn_parameters(self.sub, self.ffns).values())
-        report = self._distil(params, self.options.distill_steps, self.cfg.seed)
+        report = self._distil(
+            params, self.options.distill_steps, self.cfg.seed, "distilling the sub-model"
+        )
         self.reports["distill"] = asdict(report)
         log.info(
             "fedpft: sub-model distilled, held-out hidden-state loss %.4f -> %.4f (%d steps)",
@@ -179,8 +183,9 @@ class FedPftServer(FedAvgServer):
         restore = _keep_fixed(self.sub, self.ffns, free)
         params = list(ffn_parameters(self.sub, self.ffns).values())
         report = self._distil(
-            params, self.options.realign_steps, self.cfg.seed + self.version, restore
-        )
+            params, self.options.realign_steps, self.cfg.seed + self.version, "re-aligning",
+            restore,
+        )  # fmt: skip
         self.version += 1
         for layer, index in free.items():
             self.changed_at[layer][index] = self.version

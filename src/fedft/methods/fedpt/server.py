@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fedft.config import RunConfig
 from fedft.data.public import PublicInputs
 from fedft.federation.aggregation import Tensors
 from fedft.federation.grid import Grid
 from fedft.federation.server import FedAvgServer, RoundOutcome
-from fedft.federation.training import batches, parameters_by_name, read_state, write_state
+from fedft.federation.training import parameters_by_name, read_state, step_batches, write_state
 from fedft.methods.fedpt.logits import CountingCache
 from fedft.methods.fedpt.proxy import (
     LargeAlone,
@@ -117,17 +118,17 @@ class FedPtServer(FedAvgServer):
         generator = torch.Generator().manual_seed(self.cfg.seed + round_number)
         self.small.train()
         torch.manual_seed(self.cfg.seed + round_number)  # dropout
-        taken = 0
-        while taken < o.distill_steps:
-            for index in batches(p.train.numpy(), o.distill_batch_size, generator):
+        bar = tqdm(total=o.distill_steps, desc="distilling", unit="step", leave=False, disable=None)
+        with bar:
+            for index in step_batches(
+                p.train.numpy(), o.distill_batch_size, o.distill_steps, generator, None
+            ):
                 teacher = torch.stack([by_row[int(r)] for r in index])
                 loss = distillation_kl(teacher, self.small(self._inputs(index)), o.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                taken += 1
-                if taken >= o.distill_steps:
-                    break
+                bar.update()
         for param in params:
             param.requires_grad_(False)
             param.grad = None
