@@ -30,16 +30,28 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("client peak memory (RSS)", f"{summary['client_peak_rss_mb']:.0f} MB"),
         ("time", f"{summary['seconds']:.1f} s ({summary['seconds_per_round']:.1f} s/round)"),
     ]
-    proxy = summary.get("fedpft")
-    if proxy:
+    sub = summary.get("fedpft")
+    if sub:
         rows.insert(
             4, ("sub-model accuracy (clients' model)", _pct(summary.get("submodel_final_accuracy")))
         )
         rows.append(
             (
                 "sub-model download, once per client",
-                f"{_bytes(proxy['submodel_download_bytes'])} "
-                f"(sub-model {_bytes(proxy['submodel_bytes'])}, full {_bytes(proxy['full_model_bytes'])})",
+                f"{_bytes(sub['submodel_download_bytes'])} "
+                f"(sub-model {_bytes(sub['submodel_bytes'])}, full {_bytes(sub['full_model_bytes'])})",
+            )
+        )
+    steered = summary.get("fedpt")
+    if steered:
+        rows[4:4] = [
+            ("small model alone (tuned)", _pct(summary.get("small_final_accuracy"))),
+            ("large model alone", _pct(summary.get("large_final_accuracy"))),
+        ]
+        rows.append(
+            (
+                "large-model queries (server only)",
+                f"{steered['large_queries']:,} inputs, {_bytes(steered['large_query_bytes'])}",
             )
         )
     if summary.get("client_peak_cuda_mb"):
