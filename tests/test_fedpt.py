@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fedft.errors import ModelError
-from fedft.federation.engine import build_task, run_federation
+from fedft.federation.engine import build_task, evaluate_global, run_federation
 from fedft.federation.training import read_state
 from fedft.methods.fedpt.logits import (
     CountingCache,
@@ -107,6 +107,14 @@ def test_distillation_lowers_the_kl_on_held_out_inputs(tmp_path: Path):
     public = server.public
     assert not set(public.train.tolist()) & set(public.heldout.tolist())
     before_state = dict(server.global_state)
+    # the targets are exact, whatever the random state and after scoring has toggled modes
+    rows = public.train[:20]
+    evaluate_global(task, server)  # loads the global state into the server's small model
+    torch.manual_seed(1)
+    first = server._teacher(rows)
+    evaluate_global(task, server)
+    torch.manual_seed(2)
+    assert torch.equal(server._teacher(rows), first)
     report = server.distil(round_number=1)
     assert report["distill_kl_after"] < 0.8 * report["distill_kl_before"]
     assert any(not torch.equal(before_state[k], server.global_state[k]) for k in before_state)

@@ -53,6 +53,7 @@ class FedPtServer(FedAvgServer):
         self.reports: list[dict[str, float]] = []
         for model in (small, untuned):
             write_state(model, initial)
+        untuned.eval()  # frozen for good: never trained, so never in train mode
 
     def query_costs(self, when: str) -> dict[str, int]:
         """Large-model queries (and their bytes) since the last report: in the round's training
@@ -82,6 +83,7 @@ class FedPtServer(FedAvgServer):
         """The proxy-tuned large model's logits on public rows, with the small model as it is."""
         out = []
         self.small.eval()
+        self.untuned.eval()  # dropout off in both: the steering is their exact difference
         for start in range(0, len(rows), 64):
             batch = self._inputs(rows[start : start + 64].numpy())
             large = self.large.logits(batch_texts(self.small, batch)).to(self.device)
@@ -141,10 +143,10 @@ class FedPtServer(FedAvgServer):
     # --- evaluation, checkpoint, summary ------------------------------------------------------
     def evaluation_models(self, task_model: TaskModel) -> dict[str, nn.Module]:
         write_state(self.small, self.global_state)
-        return {
-            "test": ProxyTuned(self.large, self.small, self.untuned, self.options.alpha),
+        return {  # made in eval mode, which scoring restores them (and their parts) to
+            "test": ProxyTuned(self.large, self.small, self.untuned, self.options.alpha).eval(),
             "small_test": self.small,
-            "large_test": LargeAlone(self.large, self.small),
+            "large_test": LargeAlone(self.large, self.small).eval(),
         }
 
     def evaluation_costs(self) -> dict[str, Any]:
