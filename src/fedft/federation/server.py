@@ -166,18 +166,30 @@ class FedAvgServer(Server):
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         clients, spent = self.admit(round_number, clients)
         messages = [
-            Message(c, "train", Payload(dict(self.global_state)), round_number) for c in clients
+            Message(c, "train", self.train_payload(c, round_number), round_number) for c in clients
         ]
         replies = grid.exchange(messages) if messages else []
         ok = self.require_replies(replies, round_number)
         aggregate, metrics = self.aggregate(ok, round_number)
         self.global_state = self.optimizer.step(self.global_state, aggregate)
         metrics["train_loss"] = mean_train_loss(ok)
+        metrics.update(self.after_round(round_number, messages, replies, ok))
         return RoundOutcome(replies, {**metrics, **self.account(ok, spent)})
 
+    def train_payload(self, client: int, round_number: int) -> Payload:
+        """What a client is sent to train: the global tensors (a method may add its own)."""
+        return Payload(dict(self.global_state))
+
+    def after_round(
+        self, round_number: int, messages: list[Message], replies: list[Reply], ok: list[Reply]
+    ) -> dict[str, Any]:
+        """Server work after the new global state, with the round's traffic; its metrics."""
+        return {}
+
     def aggregate(self, ok: list[Reply], round_number: int) -> tuple[Tensors, dict[str, Any]]:
-        """The example-weighted mean; under client-level DP, the noised mean of clipped updates."""
-        states = [r.payload.tensors for r in ok]
+        """The example-weighted mean; under client-level DP, the noised mean of clipped updates.
+        Only the global tensors are averaged: a reply may carry more (e.g. statistics)."""
+        states = [{k: r.payload.tensors[k] for k in self.global_state} for r in ok]
         if self.population is None:
             weights = [float(r.payload.scalars["num_examples"]) for r in ok]
             return weighted_mean(states, weights), {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -23,10 +23,10 @@ from fedft.data.public import PublicInputs
 from fedft.federation.aggregation import Tensors
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload, Reply
-from fedft.federation.server import FedAvgServer, RoundOutcome, mean_train_loss
+from fedft.federation.server import FedAvgServer, RoundOutcome
 from fedft.federation.training import write_state
 from fedft.methods.fedpft.distill import Distiller, DistillReport
-from fedft.methods.fedpft.submodel import Ffn, ffn_parameters, slice_tensors
+from fedft.methods.fedpft.submodel import Ffn, ffn_parameters, slice_tensors, width_of
 from fedft.models.backbone import TaskModel
 
 log = logging.getLogger("fedft")
@@ -54,7 +54,7 @@ class FedPftServer(FedAvgServer):
         self.options = options
         self.distiller = Distiller(sub, full, ffns, device)
         self.version = 0
-        self.changed_at = {f.layer: torch.ones(_width(sub, f), dtype=torch.long) for f in ffns}
+        self.changed_at = {f.layer: torch.ones(width_of(sub, f), dtype=torch.long) for f in ffns}
         self.client_versions: dict[int, int] = {}
         self.reports: dict[str, Any] = {}
         for model in (full, sub):
@@ -88,45 +88,36 @@ class FedPftServer(FedAvgServer):
         scalars = {"submodel_version": self.version, "collect_activity": collect_activity}
         return Payload(tensors, scalars)
 
+    def train_payload(self, client: int, round_number: int) -> Payload:
+        return self.payload_for(client, self.realigns(round_number))
+
     def evaluation_payload(self, client: int) -> Payload:
         return self.payload_for(client, collect_activity=False)
 
-    # --- a round ------------------------------------------------------------------------------
-    def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
-        metrics: dict[str, Any] = {}
-        if self.version == 0:
-            metrics.update(self.distil())
-        clients, spent = self.admit(round_number, clients)
+    def realigns(self, round_number: int) -> bool:
         every = self.options.realign_every
-        realign = every > 0 and round_number % every == 0
-        messages = [
-            Message(c, "train", self.payload_for(c, realign), round_number) for c in clients
-        ]
-        replies = grid.exchange(messages) if messages else []
-        ok = self.require_replies(replies, round_number)
+        return every > 0 and round_number % every == 0
+
+    # --- a round: FedAvg's, after the first distillation and before a re-alignment ------------
+    def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
+        distilled = self.distil() if self.version == 0 else {}
+        outcome = super().run_round(round_number, grid, clients)
+        outcome.metrics.update(distilled)
+        return outcome
+
+    def after_round(
+        self, round_number: int, messages: list[Message], replies: list[Reply], ok: list[Reply]
+    ) -> dict[str, Any]:
         for reply in replies:  # a client that failed may hold anything: it gets the whole again
             version = reply.payload.scalars.get("submodel_version") if reply.ok else None
             if version is None:
                 self.client_versions.pop(reply.client, None)
             else:
                 self.client_versions[reply.client] = int(version)
-        lora_only = [
-            replace(
-                r,
-                payload=Payload(
-                    {k: r.payload.tensors[k] for k in self.global_state}, r.payload.scalars
-                ),
-            )
-            for r in ok
-        ]
-        aggregate, agg_metrics = self.aggregate(lora_only, round_number)
-        self.global_state = self.optimizer.step(self.global_state, aggregate)
-        metrics.update(agg_metrics)
-        metrics.update(byte_split(messages, replies))
-        metrics["train_loss"] = mean_train_loss(ok)
-        if realign and ok:
+        metrics: dict[str, Any] = byte_split(messages, replies)
+        if self.realigns(round_number) and ok:
             metrics.update(self.realign(ok))
-        return RoundOutcome(replies, {**metrics, **self.account(ok, spent)})
+        return metrics
 
     # --- distillation -------------------------------------------------------------------------
     def _distil(
@@ -239,17 +230,13 @@ class FedPftServer(FedAvgServer):
         }
 
 
-def _width(model: TaskModel, ffn: Ffn) -> int:
-    return int(model.get_submodule(ffn.output).weight.shape[1])
-
-
 def _keep_fixed(model: TaskModel, ffns: list[Ffn], free: dict[int, torch.Tensor]):
     """A callback that puts every neuron outside `free` (and the output bias) back as it was."""
     saved = {n: p.detach().clone() for n, p in ffn_parameters(model, ffns).items()}
     params = ffn_parameters(model, ffns)
     masks = {}
     for ffn in ffns:
-        keep = torch.ones(_width(model, ffn), dtype=torch.bool)
+        keep = torch.ones(width_of(model, ffn), dtype=torch.bool)
         keep[free[ffn.layer]] = False
         for path in ffn.inputs:
             masks[f"{path}.weight"] = (keep, 0)

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from fedft.config import RunConfig
 from fedft.data.public import PublicInputs
 from fedft.federation.aggregation import Tensors
-from fedft.federation.grid import Grid
-from fedft.federation.server import FedAvgServer, RoundOutcome
+from fedft.federation.payload import Message, Reply
+from fedft.federation.server import FedAvgServer
 from fedft.federation.training import parameters_by_name, read_state, step_batches, write_state
 from fedft.methods.fedpt.logits import CountingCache
 from fedft.methods.fedpt.proxy import (
@@ -66,12 +66,13 @@ class FedPtServer(FedAvgServer):
         self.reported = done
         return delta
 
-    def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
-        outcome = super().run_round(round_number, grid, clients)
+    def after_round(
+        self, round_number: int, messages: list[Message], replies: list[Reply], ok: list[Reply]
+    ) -> dict[str, Any]:
+        metrics = {}
         if self.public is not None and self.options.distill_steps > 0:
-            outcome.metrics.update(self.distil(round_number))
-        outcome.metrics.update(self.query_costs("round"))
-        return outcome
+            metrics.update(self.distil(round_number))
+        return {**metrics, **self.query_costs("round")}
 
     # --- distillation -------------------------------------------------------------------------
     def _inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
