@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
 
 from fedft.config import build_config
+from fedft.federation import flower
 from fedft.federation.engine import build_task, run_federation
 from fedft.federation.loopback import Federation
+from fedft.federation.training import derived_seed
 from fedft.metrics import rundir
 
 pytestmark = pytest.mark.slow
@@ -38,6 +43,14 @@ def local_run(tmp_path: Path, sets: dict) -> tuple[dict, list[dict]]:
     rundir.start_run_dir(run_dir, "{}", overwrite=False)
     summary = run_federation(build_task(cfg), run_dir)
     return summary, rundir.read_metrics(run_dir)
+
+
+def own_dataset(folder: Path, rows: int = 60) -> Path:
+    """A node's own dataset: a folder with a train.csv of the demo's 8 classes."""
+    folder.mkdir(parents=True)
+    lines = [f"row {i} about topic {i % 4},{i % 8}" for i in range(rows)]
+    (folder / "train.csv").write_text("text,label\n" + "\n".join(lines) + "\n")
+    return folder
 
 
 def run_and_kill_node1_after_round_one(fed: Federation, sets: dict) -> str:
@@ -135,10 +148,7 @@ def test_deployment_runs_and_counts_the_same_bytes_as_the_local_engine(
 
 def test_a_supernode_killed_mid_run_is_recorded_and_the_run_completes(tmp_path: Path):
     # node0 brings its own dataset (node config data-path); node1 a share of the shared source
-    own = tmp_path / "node0-data"
-    own.mkdir()
-    rows = [f"row {i} about topic {i % 4},{i % 8}" for i in range(60)]
-    (own / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    own = own_dataset(tmp_path / "node0-data")
     fed = Federation(tmp_path / "fed")
     try:
         fed.start_superlink()
@@ -227,3 +237,75 @@ def test_too_few_replies_stop_the_flower_run_with_its_checkpoint_intact(tmp_path
     _, meta = rundir.load_checkpoint(run_dir)
     assert meta["round"] == 1 and [m["round"] for m in rundir.read_metrics(run_dir)] == [1]
     assert not (run_dir / rundir.SUMMARY).exists()
+
+
+def test_nodes_with_their_own_data_run_as_the_clients_their_partition_ids_name(tmp_path: Path):
+    # Two nodes bring the same rows, each in its own folder: all that tells them apart is the
+    # client id, so whatever differs between them comes from it (seeds, directions, state).
+    paths = [own_dataset(tmp_path / f"node{i}-data") for i in (0, 1)]
+    fed = Federation(tmp_path / "fed")
+    try:
+        fed.start_superlink()
+        for i, path in enumerate(paths):
+            fed.start_supernode(f"node{i}", f'partition-id={i} num-partitions=2 data-path="{path}"')
+        sets = {
+            **BASE,
+            "federation.rounds": 3,
+            "method.name": "zo",
+            "method.params": "bias",
+            "name": "own-data",
+            "output_dir": str(tmp_path / "runs"),
+        }
+        run_id = fed.run_app(f'fedft-set="{sets_string(sets)}"')
+        assert fed.wait(run_id) == "finished:completed", fed.logs(run_id)
+    finally:
+        fed.stop()
+    run_dir = tmp_path / "runs" / "own-data"
+    lines = rundir.read_metrics(run_dir)
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    # round 3 replays onto the version each node kept in its own context.state (held since
+    # round 2); a node that had lost it, or held another's, would fail out of sync
+    assert all(m["clients"] == [0, 1] and not m["failed"] for m in lines)
+    assert all(c["num_examples"] == 43 for m in lines for c in m["per_client"])
+    # zo uploads the seeds of its directions, derived from (run seed, round, client): each
+    # round's record holds client 0's seeds and then client 1's, not client 0's twice
+    records = load_file(str(run_dir / rundir.CHECKPOINT))
+    steps = BASE["train.max_steps"]
+    for round_number in (1, 2, 3):
+        expected = [
+            derived_seed(derived_seed(0, round_number, client), step, 0)
+            for client in (0, 1)
+            for step in range(steps)
+        ]
+        assert records[f"record.{round_number - 1}.seeds"].tolist() == expected
+
+
+def node_context(run_config: dict, node_config: dict) -> Context:
+    return Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def test_client_runtimes_are_one_per_data_source_and_at_most_two(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(flower, "_RUNTIMES", OrderedDict())
+    run_config = {"fedft-set": sets_string({**BASE, "method.name": "bias"})}
+    a, b = (str(own_dataset(tmp_path / name)) for name in ("a", "b"))
+
+    def runtime(**node: object) -> flower.ClientRuntime:
+        return flower._client_runtime(node_context(run_config, node))
+
+    # every partition of the shared source is served by one runtime (its data holds them all)
+    shared = runtime(**{"partition-id": 0, "num-partitions": 2})
+    assert runtime(**{"partition-id": 1, "num-partitions": 2}) is shared
+    assert shared.split is None
+    # own-data nodes: one runtime per data-path, whichever client the node is
+    own_a = runtime(**{"partition-id": 0, "data-path": a})
+    assert runtime(**{"partition-id": 1, "data-path": a}) is own_a
+    assert own_a is not shared and own_a.split is not None
+    assert own_a.cfg.federation.clients == 2  # the run's federation, though it holds one split
+    assert runtime(**{"partition-id": 1, "num-partitions": 2}) is shared  # now the most recent
+    own_b = runtime(**{"partition-id": 0, "data-path": b})
+    # bounded: the least recently used (own_a) went, the other two stay
+    assert list(flower._RUNTIMES.values()) == [shared, own_b]
+    assert runtime(**{"partition-id": 0, "data-path": a}) is not own_a
+    assert len(flower._RUNTIMES) == flower.MAX_RUNTIMES

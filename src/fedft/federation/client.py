@@ -55,7 +55,11 @@ Handler = Callable[[ClientContext, Payload], Payload]
 
 
 class ClientRuntime:
-    """One process's clients: the shared model, the data, and each client's lasting state."""
+    """One process's clients: the shared model, the data, and each client's lasting state.
+
+    Client `c` trains on `data.clients[c]`, unless the runtime is given one `split` of its own: a
+    Flower node that brings its own dataset holds only that split, yet must still run as the
+    client it is named (its seeds and state follow the client id, not the split's position)."""
 
     def __init__(
         self,
@@ -64,12 +68,14 @@ class ClientRuntime:
         data: FederatedData,
         cfg: RunConfig,
         device: torch.device,
+        split: ClientSplit | None = None,
     ):
         self.method = method
         self.model = model
         self.data = data
         self.cfg = cfg
         self.device = device
+        self.split = split
         self.trainable = method.trainable_names
         self.states: dict[int, dict[str, Any]] = {}
         self.handlers = method.client_handlers()
@@ -85,7 +91,7 @@ class ClientRuntime:
             round=message.round,
             model=self.model,
             data=self.data,
-            split=self.data.clients[message.client],
+            split=self.split if self.split is not None else self.data.clients[message.client],
             cfg=self.cfg,
             device=self.device,
             trainable=self.trainable,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -291,28 +292,54 @@ def load_client_state(records: RecordDict) -> dict[str, Any]:
     return state
 
 
-_RUNTIMES: dict[str, tuple[ClientRuntime, int]] = {}
+# A runtime is a whole task (model + data): one per source, never one per client. Partition
+# nodes of the same source share one (its data holds every partition, so in simulation one Ray
+# worker serves all its virtual clients with it); own-data nodes share one per data-path. At most
+# MAX_RUNTIMES stay, least recently used evicted: a worker that serves run after run keeps the
+# latest, not all of them.
+MAX_RUNTIMES = 2
+_RUNTIMES: OrderedDict[str, ClientRuntime] = OrderedDict()
 
 
-def _client_runtime(context: Context) -> tuple[ClientRuntime, int]:
-    """The node's runtime, built once per process (simulation reuses processes across messages)."""
+def runtime_key(context: Context) -> str:
+    """What a node's runtime depends on: the run config and where its data comes from, not which
+    client it is."""
     node = dict(context.node_config)
-    key = json.dumps([dict(context.run_config), node], sort_keys=True, default=str)
+    source = (
+        {"data-path": str(node["data-path"])}
+        if "data-path" in node
+        else {k: v for k, v in node.items() if k != "partition-id"}
+    )
+    return json.dumps([dict(context.run_config), source], sort_keys=True, default=str)
+
+
+def node_client(context: Context) -> int:
+    """The client this node runs as: its partition id, whether or not it brings its own data."""
+    return int(context.node_config.get("partition-id", 0))
+
+
+def _client_runtime(context: Context) -> ClientRuntime:
+    """The node's runtime, built once per process and source (simulation reuses processes)."""
+    key = runtime_key(context)
     if key in _RUNTIMES:
+        _RUNTIMES.move_to_end(key)
         return _RUNTIMES[key]
-    client = int(node.get("partition-id", 0))
+    node = dict(context.node_config)
     if "data-path" in node:
-        # The node's own dataset: it is the whole of this client's data.
-        cfg = config_from_run_config(
-            context.run_config,
-            [
-                f"data.source={node['data-path']}",
-                "federation.clients=1",
-                "data.partition=iid",
-                "data.min_partition_size=1",
-            ],
+        # The node's own dataset is the whole of this client's data: the task partitions it for
+        # one client, and the runtime trains every request on that one split, under the client
+        # id the request names; the runtime keeps the run's federation settings.
+        source = f"data.source={node['data-path']}"
+        cfg = config_from_run_config(context.run_config, [source])
+        task = build_task(
+            config_from_run_config(
+                context.run_config,
+                [source, "federation.clients=1", "data.partition=iid", "data.min_partition_size=1"],
+            )
         )
-        local = 0
+        runtime = ClientRuntime(
+            task.method, task.model, task.data, cfg, task.device, split=task.data.clients[0]
+        )
     else:
         cfg = config_from_run_config(context.run_config)
         partitions = int(node.get("num-partitions", cfg.federation.clients))
@@ -320,11 +347,12 @@ def _client_runtime(context: Context) -> tuple[ClientRuntime, int]:
             raise FedftError(
                 f"node num-partitions={partitions} but federation.clients={cfg.federation.clients}"
             )
-        local = client
-    task = build_task(cfg)
-    runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
-    _RUNTIMES[key] = (runtime, local)
-    return runtime, local
+        task = build_task(cfg)
+        runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+    _RUNTIMES[key] = runtime
+    while len(_RUNTIMES) > MAX_RUNTIMES:
+        _RUNTIMES.popitem(last=False)
+    return runtime
 
 
 client_app = ClientApp()
@@ -332,15 +360,20 @@ client_app = ClientApp()
 
 def _reply(msg: Message, context: Context) -> Message:
     meta = dict(msg.content["meta"])
+    client = node_client(context)
     if meta["kind"] == "hello":
-        client = int(context.node_config.get("partition-id", 0))
         return Message(RecordDict({"meta": ConfigRecord({"client": client})}), reply_to=msg)
-    runtime, local = _client_runtime(context)
-    request = FedftMessage(local, str(meta["kind"]), from_records(msg.content), int(meta["round"]))
-    runtime.states[local] = load_client_state(context.state)
-    with measure(runtime.device) as m:
-        payload = runtime.handle(request)
-    save_client_state(runtime.states[local], context.state)
+    runtime = _client_runtime(context)
+    request = FedftMessage(client, str(meta["kind"]), from_records(msg.content), int(meta["round"]))
+    # The state lives in context.state; the runtime holds it only for this request, so a runtime
+    # shared by many virtual clients does not keep a copy of each one's state.
+    runtime.states[client] = load_client_state(context.state)
+    try:
+        with measure(runtime.device) as m:
+            payload = runtime.handle(request)
+        save_client_state(runtime.states[client], context.state)
+    finally:
+        runtime.states.pop(client, None)
     content = to_records(payload, {"client": int(meta["client"])})
     content["cost"] = MetricRecord(
         {
