@@ -155,9 +155,13 @@ class PrivacyConfig(Section):
         ),
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
-    secure_noise: bool = Field(
+    reproducible_noise_not_private: bool = Field(
         False,
-        description="seed the noise from OS entropy (not reproducible); default: from the run seed",
+        description=(
+            "tests only: draw DP noise and sampling from the run seed, so a run replays; anyone "
+            "who knows the seed can remove the noise, so the run is marked NOT PRIVATE and its "
+            "epsilon is no guarantee (default: secret randomness from the OS)"
+        ),
     )
 
     @model_validator(mode="after")

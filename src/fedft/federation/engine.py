@@ -19,7 +19,7 @@ from fedft.errors import BudgetSpent, ConfigError
 from fedft.federation.client import ClientRuntime
 from fedft.federation.grid import Grid, LocalGrid
 from fedft.federation.payload import Message, Reply
-from fedft.federation.sampling import clients_per_round, sample_clients
+from fedft.federation.sampling import clients_per_round
 from fedft.federation.server import Server
 from fedft.federation.training import evaluate, read_state
 from fedft.methods import Method, get_method
@@ -27,6 +27,8 @@ from fedft.metrics import rundir
 from fedft.metrics.plots import plot_accuracy
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device
 from fedft.privacy import check_budgets
+from fedft.privacy.client_level import WITHHELD, privacy_view, round_participants
+from fedft.privacy.noise import NOT_PRIVATE
 
 MB = 1_000_000
 log = logging.getLogger("fedft")
@@ -206,9 +208,16 @@ def evaluate_global(task: Task, server: Server) -> dict[str, float]:
 
 
 def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) -> dict[str, Any]:
-    """Each client scores the final global model on its local test rows (non-IID shows here)."""
+    """Each client scores the final global model on its local test rows (non-IID shows here).
+
+    Under sample-level DP these figures are published as they are: the local test rows never
+    train, so DP-SGD does not cover them (and does not need to for the training rows' sake).
+    Under client-level DP they would be per-client statistics that no mechanism noised: withheld.
+    """
     if "evaluate" not in task.method.client_handlers():
         return {}  # a client that cannot run the whole model alone (split learning)
+    if task.cfg.privacy.mode == "client":
+        return {"withheld": WITHHELD}
     clients = [c for c in range(task.cfg.federation.clients) if len(task.data.clients[c].test) > 0]
     replies = grid.exchange(
         [Message(c, "evaluate", server.evaluation_payload(c), round_number) for c in clients]
@@ -239,8 +248,11 @@ def privacy_summary(task: Task, history: list[dict[str, Any]]) -> dict[str, Any]
     )
     plans = check_budgets(cfg, [len(split.train) for split in task.data.clients])
     sigmas = [plan.noise_multiplier for plan in plans]
+    private = not cfg.privacy.reproducible_noise_not_private
     return {
         "mode": cfg.privacy.mode,
+        "private": private,
+        **({} if private else {"note": NOT_PRIVATE}),
         "target_epsilon": cfg.privacy.epsilon,
         "delta": cfg.privacy.delta,
         "clip": cfg.privacy.clip,
@@ -280,7 +292,12 @@ def make_summary(
         "client_peak_cuda_mb": totals.peak_cuda_bytes / MB,
         "seconds": totals.elapsed_seconds,
         "seconds_per_round": totals.elapsed_seconds / len(history) if history else 0.0,
-        "client_seconds_per_round": _mean([m["client_seconds_mean"] for m in history]),
+        # None under client-level DP, whose lines withhold the participants' timings
+        "client_seconds_per_round": (
+            _mean([m["client_seconds_mean"] for m in history])
+            if all("client_seconds_mean" in m for m in history)
+            else None
+        ),
         "failed_client_updates": totals.failures,
         "stopped": totals.stopped,
         "privacy": privacy_summary(task, history),
@@ -331,9 +348,7 @@ def run_federation(
     try:
         for round_number in range(first_round, rounds + 1):
             started = time.perf_counter()
-            clients = sample_clients(
-                cfg.federation, cfg.seed, round_number, poisson=cfg.privacy.mode == "client"
-            )
+            clients = round_participants(cfg, round_number)
             try:
                 outcome = server.run_round(round_number, grid, clients)
             except BudgetSpent as exc:
@@ -356,6 +371,7 @@ def run_federation(
             line["round_seconds"] = round_seconds + eval_seconds
             totals.elapsed_seconds += line["round_seconds"]
             line["elapsed_seconds"] = totals.elapsed_seconds
+            line = privacy_view(cfg.privacy, line)
             totals.history.append(line)
             rundir.append_metrics(run_dir, line)
             tensors, server_meta = server.state_dict()

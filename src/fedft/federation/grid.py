@@ -46,9 +46,12 @@ class LocalGrid:
                     Exception
                 ) as exc:  # a failing client is recorded and left out, the run goes on
                     error = f"{type(exc).__name__}: {exc}"
-                    log.warning(
-                        "client %d failed in round %d: %s", message.client, message.round, error
-                    )
+                    if self.runtime.cfg.privacy.mode == "client":  # who took part is secret
+                        log.warning("a client failed in round %d", message.round)
+                    else:
+                        log.warning(
+                            "client %d failed in round %d: %s", message.client, message.round, error
+                        )
             cost.seconds, cost.peak_rss_bytes, cost.peak_cuda_bytes = (
                 m.seconds,
                 m.peak_rss_bytes,

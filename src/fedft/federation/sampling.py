@@ -1,8 +1,9 @@
 """Seeded client sampling: the same (seed, round) always picks the same clients.
 
 The default draws a fixed number of clients per round. Client-level DP draws each client
-independently with probability q instead (Poisson sampling), because that is the sampling the
-accountant's amplification bound assumes; the round's size then varies around q * clients.
+independently with probability q instead (Poisson sampling, from secret randomness: see
+`fedft.privacy.client_level.round_participants`), because that is the sampling the accountant's
+amplification bound assumes; the round's size then varies around q * clients.
 """
 
 from __future__ import annotations
@@ -28,12 +29,7 @@ def client_sample_rate(cfg: FederationConfig) -> float:
     return clients_per_round(cfg) / cfg.clients
 
 
-def sample_clients(
-    cfg: FederationConfig, seed: int, round_number: int, poisson: bool = False
-) -> list[int]:
+def sample_clients(cfg: FederationConfig, seed: int, round_number: int) -> list[int]:
     rng = np.random.default_rng([seed, round_number, 0x5A])
-    if poisson:
-        picked = rng.random(cfg.clients) < client_sample_rate(cfg)
-        return [int(c) for c in np.flatnonzero(picked)]
     chosen = rng.choice(cfg.clients, size=clients_per_round(cfg), replace=False)
     return sorted(int(c) for c in chosen)

@@ -21,7 +21,7 @@ from fedft.federation.training import write_state
 from fedft.models.backbone import TaskModel
 from fedft.privacy.accounting import POPULATION, PrivacyLedger, plan_population
 from fedft.privacy.client_level import noisy_mean_update
-from fedft.privacy.noise import noise_generator
+from fedft.privacy.noise import dp_random
 
 log = logging.getLogger("fedft")
 SERVER_NOISE_TAG = 0x5E
@@ -193,7 +193,7 @@ class FedAvgServer(Server):
         if self.population is None:
             weights = [float(r.payload.scalars["num_examples"]) for r in ok]
             return weighted_mean(states, weights), {}
-        noise = noise_generator(self.cfg.privacy, self.cfg.seed, round_number, SERVER_NOISE_TAG)
+        noise = dp_random(self.cfg.privacy, self.cfg.seed, round_number, SERVER_NOISE_TAG)
         aggregate, metrics = noisy_mean_update(
             self.global_state, states, self.population, self.cfg.privacy.clip, noise
         )

@@ -104,11 +104,10 @@ class Method:
             scalars.update(dp_scalars(plan, stats.steps))
         else:
             stats = train_locally(*args, ctx.cfg.train, self.lr(ctx.cfg), ctx.seed, ctx.device)
-            scalars = {
-                "num_examples": stats.num_examples,
-                "train_loss": stats.mean_loss,
-                "steps": stats.steps,
-            }
+            scalars = {"num_examples": stats.num_examples, "steps": stats.steps}
+            # under DP the loss stays home: no mechanism noises it
+            if ctx.cfg.privacy.mode == "none":
+                scalars["train_loss"] = stats.mean_loss
         return Payload(read_state(ctx.model, ctx.trainable), scalars)
 
     def client_evaluate(self, ctx: ClientContext, payload: Payload) -> Payload:

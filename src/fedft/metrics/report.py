@@ -67,13 +67,12 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     privacy = summary.get("privacy")
     if privacy:
         target = privacy["target_epsilon"]
-        rows.append(
-            (
-                f"privacy ({privacy['mode']}-level, delta {privacy['delta']:g})",
-                f"epsilon spent {privacy['epsilon_max']:.3g} (worst client)"
-                + (f" of {target:g}" if target is not None else ""),
-            )
+        spent = f"epsilon spent {privacy['epsilon_max']:.3g} (worst client)" + (
+            f" of {target:g}" if target is not None else ""
         )
+        if not privacy.get("private", True):
+            spent = f"NOT PRIVATE (reproducible noise); {spent}, no guarantee"
+        rows.append((f"privacy ({privacy['mode']}-level, delta {privacy['delta']:g})", spent))
         if "noise_multiplier_min" in privacy:
             low, high = privacy["noise_multiplier_min"], privacy["noise_multiplier_max"]
             sigma = f"{low:.3g}" if low == high else f"{low:.3g} to {high:.3g}"

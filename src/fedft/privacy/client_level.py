@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Any
 
 import torch
 
+from fedft.config import PrivacyConfig, RunConfig
 from fedft.federation.aggregation import Tensors
+from fedft.federation.sampling import client_sample_rate, sample_clients
 from fedft.privacy.accounting import MechanismPlan
+from fedft.privacy.noise import NOT_PRIVATE, RandomSource, dp_random, poisson_clients
+
+PARTICIPATION_TAG = 0x5A
 
 
 def update_norm(update: Tensors) -> float:
@@ -32,10 +38,11 @@ def noisy_mean_update(
     states: list[Tensors],
     plan: MechanismPlan,
     clip: float,
-    generator: torch.Generator,
+    noise: RandomSource,
 ) -> tuple[Tensors, dict[str, float]]:
     """The new global state current + (sum of clipped updates + noise) / m, and how the clipping
-    went (norms of the raw updates: diagnostics for tuning C, not privatized)."""
+    went: norms of the raw updates, diagnostics for tuning C that are NOT privatized, so they may
+    be logged only when the noise is not private (`redact_round_line` drops them otherwise)."""
     total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in current.items()}
     norms = []
     for state in states:
@@ -48,11 +55,53 @@ def noisy_mean_update(
     sigma = plan.noise_multiplier * clip
     new: Tensors = {}
     for k, value in current.items():
-        noise = torch.randn(value.shape, generator=generator, dtype=torch.float64) * sigma
-        mean = (total[k] + noise) / plan.expected_batch
+        draw = noise.normal(value.shape, sigma, torch.float64)
+        mean = (total[k] + draw) / plan.expected_batch
         new[k] = (value.to(torch.float64) + mean).to(value.dtype)
     metrics = {
         "dp_update_norm_median": statistics.median(norms) if norms else 0.0,
         "dp_clipped_fraction": sum(n > clip for n in norms) / len(norms) if norms else 0.0,
     }
     return new, metrics
+
+
+def round_participants(cfg: RunConfig, round_number: int) -> list[int]:
+    """Who takes part in a round. Client-level DP draws each client independently with the
+    accountant's rate, from secret randomness (the amplification by subsampling holds only while
+    nobody outside the server learns who was drawn); otherwise the seeded fixed-size sample."""
+    if cfg.privacy.mode != "client":
+        return sample_clients(cfg.federation, cfg.seed, round_number)
+    source = dp_random(cfg.privacy, cfg.seed, round_number, PARTICIPATION_TAG)
+    return poisson_clients(cfg.federation.clients, client_sample_rate(cfg.federation), source)
+
+
+# What a round line may not say under client-level DP: who took part and anything the
+# participants computed from their data that no mechanism noised.
+WITHHELD = "withheld under client-level DP"
+_CLIENT_DP_DROPPED = (
+    "clients",
+    "per_client",
+    "dp_update_norm_median",
+    "dp_clipped_fraction",
+    "client_seconds_mean",
+    "client_seconds_max",
+)
+
+
+def privacy_view(cfg: PrivacyConfig, line: dict[str, Any]) -> dict[str, Any]:
+    """The round line as it may be published. Every DP line says whether its noise is private;
+    under client-level DP, participant ids, failure details, training loss, raw update norms and
+    per-client timings are dropped, and only counts remain."""
+    if cfg.mode == "none":
+        return line
+    out = dict(line)
+    out["private"] = not cfg.reproducible_noise_not_private
+    if cfg.reproducible_noise_not_private:
+        out["privacy_note"] = NOT_PRIVATE
+    if cfg.mode == "client":
+        out["participants"] = len(line.get("clients", []))
+        for key in _CLIENT_DP_DROPPED:
+            out.pop(key, None)
+        out["failed"] = [{"client": WITHHELD, "error": WITHHELD} for _ in line.get("failed", [])]
+        out["train_loss"] = None
+    return out

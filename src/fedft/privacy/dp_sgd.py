@@ -9,8 +9,11 @@ is a step the accountant counts. `train.max_grad_norm` does not apply: clipping 
 The local engine shares one model among all its clients, so the hooks live for one client's round
 only: added when it starts, removed (with Opacus's attributes on the parameters) when it ends.
 
-What leaves the client under DP is the noised model and its row count, not its training loss:
-the loss is a statistic of the private data that no accountant counts.
+The noise and the Poisson masks come from `privacy.noise` (the OS's CSPRNG unless the run asks for
+reproducible, not-private noise); the masks never leave the client. What leaves the client
+under DP is the noised model and its row count (public under sample-level DP, as the accountant's
+expected batch q * rows assumes), not its training loss: the loss is a statistic of the private
+data that no accountant counts.
 """
 
 from __future__ import annotations
@@ -22,19 +25,14 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from fedft.config import RunConfig
 from fedft.data.encode import TensorData
-from fedft.federation.training import (
-    TrainStats,
-    derived_seed,
-    make_optimizer,
-    parameters_by_name,
-    step_batches,
-)
+from fedft.federation.training import TrainStats, make_optimizer, parameters_by_name
 from fedft.privacy.accounting import MechanismPlan, plan_client
-from fedft.privacy.noise import noise_generator
+from fedft.privacy.noise import RandomSource, dp_random, poisson_batches
 
 NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
 
@@ -75,6 +73,24 @@ class ExpandSharedIndices:
             handle.remove()
 
 
+class SourcedDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with its Gaussian noise drawn from a `RandomSource` (secret by
+    default) instead of a torch generator; clipping, summing and scaling stay Opacus's."""
+
+    def __init__(self, *args, source: RandomSource, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad
+            noise = self.source.normal(summed.shape, std, summed.dtype, summed.device)
+            p.grad = (summed + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 class PrivateSteps:
     """DP-SGD steps on the named parameters of a model, as a context: Opacus's hooks (and the
     index expansion) exist inside the `with` block only."""
@@ -97,14 +113,12 @@ class PrivateSteps:
         self.wrapped = GradSampleModule(
             self.model, batch_first=True, loss_reduction="mean", strict=True
         )
-        self.optimizer = DPOptimizer(
+        self.optimizer = SourcedDPOptimizer(
             make_optimizer(self.params, self.cfg.train, self.lr),
             noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=self.cfg.privacy.clip,
             expected_batch_size=self.plan.expected_batch,
-            generator=noise_generator(
-                self.cfg.privacy, self.seed, NOISE_TAG, device=self.params[0].device
-            ),
+            source=dp_random(self.cfg.privacy, self.seed, NOISE_TAG),
         )
         return self
 
@@ -149,14 +163,12 @@ def train_privately(
     if len(rows) == 0:
         raise ValueError("client has no training rows")
     plan = plan_client(cfg, len(rows))
-    sampling = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_TAG))
-    torch.manual_seed(seed)  # dropout
+    sampling = dp_random(cfg.privacy, seed, SAMPLING_TAG)
+    torch.manual_seed(seed)  # dropout: not a DP draw (it only changes which function is fit)
     model.train()
     steps, loss_sum, seen = 0, 0.0, 0
     with PrivateSteps(model, names, cfg, lr, plan, seed) as private:
-        for index in step_batches(
-            rows, cfg.train.batch_size, plan.steps_per_round, sampling, plan.sample_rate
-        ):
+        for index in poisson_batches(rows, plan.sample_rate, plan.steps_per_round, sampling):
             batch = {k: v.to(device) for k, v in data.batch(index).items()} if len(index) else None
             loss_sum += private.step(batch)
             seen += len(index)

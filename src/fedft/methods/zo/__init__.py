@@ -43,7 +43,7 @@ from fedft.methods.zo.spsa import ScalarPrivacy, ZoSteps, run_zo
 from fedft.models.backbone import TaskModel
 from fedft.privacy import plan_client
 from fedft.privacy.dp_sgd import dp_scalars
-from fedft.privacy.noise import noise_generator
+from fedft.privacy.noise import dp_random
 
 PARAMETER_SETS = ("all", "head", "bias", "adapter", "prompt", "lora")
 DEFAULT_LR = {
@@ -179,9 +179,11 @@ class Zo(Method):
             dp = ScalarPrivacy(
                 cfg.privacy.clip, plan.noise_multiplier, plan.expected_batch, plan.sample_rate
             )
-            noise = noise_generator(cfg.privacy, ctx.seed, NOISE_TAG)
+            noise = dp_random(cfg.privacy, ctx.seed, NOISE_TAG)
+            sampling = dp_random(cfg.privacy, ctx.seed, SAMPLING_TAG)
             steps = plan.steps_per_round
         else:
+            sampling = torch.Generator().manual_seed(derived_seed(ctx.seed, SAMPLING_TAG))
             steps = local_steps(cfg.train, len(rows))
         result = run_zo(
             ctx.model,
@@ -195,7 +197,7 @@ class Zo(Method):
             self.round_lr(cfg, ctx.round),
             cfg.train.weight_decay,
             ctx.device,
-            torch.Generator().manual_seed(derived_seed(ctx.seed, SAMPLING_TAG)),
+            sampling,
             dp,
             noise,
         )

@@ -21,6 +21,7 @@ from fedft.data.encode import TensorData
 from fedft.federation.training import step_batches
 from fedft.methods.zo.directions import add_direction, decayed_mask
 from fedft.models.backbone import TaskModel
+from fedft.privacy.noise import RandomSource, poisson_batches
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,15 @@ def per_example_loss(model: TaskModel, batch: dict[str, torch.Tensor]) -> torch.
     return F.cross_entropy(model(batch), batch["labels"], reduction="none").to(torch.float64)
 
 
-def privatize(
-    per_example: torch.Tensor, dp: ScalarPrivacy, generator: torch.Generator
-) -> torch.Tensor:
+def privatize(per_example: torch.Tensor, dp: ScalarPrivacy, noise: RandomSource) -> torch.Tensor:
     """Clip each example's row of scalars to L2 norm C, sum, add N(0, (sigma C)^2), divide by the
     expected batch size: the sum's sensitivity is C, so this is the subsampled Gaussian mechanism
     the accountant counts."""
     n = per_example.shape[1]
     norms = per_example.norm(dim=1, keepdim=True)
     clipped = per_example * (dp.clip / norms.clamp_min(1e-12)).clamp(max=1.0)
-    noise = torch.randn(n, generator=generator, dtype=torch.float64) * (
-        dp.noise_multiplier * dp.clip
-    )
-    return (clipped.sum(dim=0) + noise) / dp.expected_batch
+    draw = noise.normal((n,), dp.noise_multiplier * dp.clip, torch.float64)
+    return (clipped.sum(dim=0) + draw) / dp.expected_batch
 
 
 @torch.no_grad()
@@ -76,7 +73,7 @@ def zo_step(
     lr: float,
     weight_decay: float,
     dp: ScalarPrivacy | None = None,
-    noise: torch.Generator | None = None,
+    noise: RandomSource | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One ZO-SGD step in place. Returns the scalars sent (float32, one per direction) and the
     summed loss at the perturbed points. `batch` None is an empty Poisson sample (DP only)."""
@@ -132,20 +129,27 @@ def run_zo(
     lr: float,
     weight_decay: float,
     device: torch.device,
-    sampling: torch.Generator,
+    sampling: torch.Generator | RandomSource,
     dp: ScalarPrivacy | None = None,
-    noise: torch.Generator | None = None,
+    noise: RandomSource | None = None,
 ) -> ZoSteps:
-    """A client's round of ZO-SGD. `seeds_for(step)` gives (wire values, actual seeds)."""
+    """A client's round of ZO-SGD. `seeds_for(step)` gives (wire values, actual seeds).
+    `sampling` shuffles the rows into batches, or under DP (a `RandomSource`) draws the Poisson
+    samples."""
     if len(rows) == 0:
         raise ValueError("client has no training rows")
     decayed = decayed_mask(params)
     was_training = model.training
     model.eval()  # no dropout: both evaluations of a step must see the same function
     out = ZoSteps()
-    poisson = dp.sample_rate if dp is not None else None
+    if dp is not None:
+        assert not isinstance(sampling, torch.Generator), "DP sampling needs a RandomSource"
+        schedule = poisson_batches(rows, dp.sample_rate, steps, sampling)
+    else:
+        assert isinstance(sampling, torch.Generator)
+        schedule = step_batches(rows, batch_size, steps, sampling, None)
     try:
-        for step, index in enumerate(step_batches(rows, batch_size, steps, sampling, poisson)):
+        for step, index in enumerate(schedule):
             wire, actual = seeds_for(step)
             batch = {k: v.to(device) for k, v in data.batch(index).items()} if len(index) else None
             grads, loss_sum = zo_step(
