@@ -19,6 +19,7 @@ from fedft.federation.client import ClientContext, ClientRuntime
 from fedft.federation.engine import build_task, run_federation
 from fedft.federation.grid import LocalGrid
 from fedft.federation.training import parameters_by_name, read_state
+from fedft.methods.zo import SYNCED
 from fedft.methods.zo.directions import add_direction
 from fedft.methods.zo.records import RoundRecord, pack_records
 from fedft.methods.zo.spsa import ScalarPrivacy, privatize, zo_step
@@ -302,3 +303,54 @@ def test_no_backward_pass_runs_in_a_zo_round(tmp_path: Path, monkeypatch):
     control = build_task(tiny_config(tmp_path / "lora", "lora"))
     one_round(control, [0])
     assert calls  # the spy does see backprop
+
+
+def run_rounds(task, cohorts: list[list[int]], fresh_process: bool):
+    """Rounds of the seeds-mode server over a runtime; `fresh_process` forgets the process's
+    shared copy before every message, as a Flower ClientApp started per message does."""
+    server = task.method.make_server(task.cfg, read_state(task.model, task.method.trainable_names))
+    runtime = ClientRuntime(task.method, task.model, task.data, task.cfg, task.device)
+    handle = runtime.handle
+
+    def forgetful(message):
+        task.method.shared_copy = None
+        return handle(message)
+
+    if fresh_process:
+        runtime.handle = forgetful
+    grid = LocalGrid(runtime, task.device)
+    for number, cohort in enumerate(cohorts, start=1):
+        assert all(r.ok for r in server.run_round(number, grid, cohort).replies)
+    return server, runtime
+
+
+def test_clients_of_a_process_share_one_copy_of_their_synced_version(tmp_path: Path):
+    sets = {
+        "federation.clients": 20,
+        "data.partition": "iid",
+        "train.lr": 1e-2,
+        "train.weight_decay": 0.01,
+        "train.max_steps": 2,
+    }
+    # clients that miss rounds, come back, and join for the first time late
+    cohorts = [list(range(0, 8)), list(range(5, 14)), [0, 1, *range(14, 20)], [2, 7, 13, 19]]
+    task = zo_task(tmp_path / "shared", **sets)
+    names = task.method.trainable_names
+    server, runtime = run_rounds(task, cohorts, fresh_process=False)
+    assert len(runtime.states) == 20
+    copy = task.method.shared_copy
+    assert copy is not None and copy.version == len(cohorts) - 1
+    shared = {t.data_ptr() for t in copy.tensors.values()}
+    held = {v.data_ptr() for s in runtime.states.values() for v in s.values() if torch.is_tensor(v)}
+    assert held <= shared  # no client holds a tensor of its own: the states cost their version
+    assert all(set(s) <= {"version"} | {SYNCED + n for n in names} for s in runtime.states.values())
+
+    # clients that each keep their own copy (a fresh process per message) end at the same model
+    own = zo_task(tmp_path / "own", **sets)
+    own_server, own_runtime = run_rounds(own, cohorts, fresh_process=True)
+    kept = {
+        v.data_ptr() for s in own_runtime.states.values() for v in s.values() if torch.is_tensor(v)
+    }
+    assert len(kept) == 20 * len(names)  # one copy per client: what sharing saves
+    for name, value in server.global_state.items():
+        assert torch.equal(value, own_server.global_state[name]), name

@@ -14,6 +14,8 @@ import atexit
 import math
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +60,16 @@ NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
 SYNCED = "synced."  # client-state prefix of the parameters it last synced
 
 
+@dataclass
+class SyncedCopy:
+    """The one copy a process keeps of a synced version, and the client states that refer to it
+    (so that they can be let go of it when the process moves on to a newer version)."""
+
+    version: int
+    tensors: Tensors
+    holders: list[dict[str, Any]] = field(default_factory=list)
+
+
 class ZoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     params: Literal["all", "head", "bias", "adapter", "prompt", "lora"] = Field(
@@ -91,6 +103,7 @@ class Zo(Method):
         inner = get_method("full" if self.options.params == "all" else self.options.params)
         self.inner = inner(inner.options_model(**self.options.params_options))
         self._initial_file: Path | None = None
+        self.shared_copy: SyncedCopy | None = None  # this process's clients' shared synced version
 
     @classmethod
     def validate_options(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -227,35 +240,79 @@ class Zo(Method):
 
     def sync(self, ctx: ClientContext, payload: Payload) -> None:
         """Bring the model to the server's version: load the whole state, or replay the records
-        the client missed on top of what it held; then keep a copy for next time."""
+        the client missed onto a copy of an older version; then keep the result for next time.
+
+        A version's parameters are the same for every client that holds it, so the process keeps
+        one copy, of the version it synced last (`SyncedCopy`), and a client's state refers to it
+        rather than holding its own. Any client of this process holds that version or an older
+        one, and the server sends every record since the client's version, so the copy plus the
+        newest records rebuild any client's target: clients past it keep only their version
+        number. A client's own copy (a fresh Flower ClientApp process reads it back from
+        `context.state`, with no process copy) and the starting weights are the other starts."""
         s = payload.scalars
+        target = int(s["version"])
         if s["sync"] == "full":
             write_state(ctx.model, payload.tensors)
         else:
-            base = int(s["base"])
-            held = int(ctx.state.get("version", 0))
-            if base == 0:
-                write_state(ctx.model, self.initial_state())
-            elif held == base and f"{SYNCED}{ctx.trainable[0]}" in ctx.state:
-                write_state(ctx.model, {n: ctx.state[SYNCED + n] for n in ctx.trainable})
-            else:
-                raise RuntimeError(
-                    f"out of sync: the client holds version {held}, the server sent records from "
-                    f"version {base}; it will be sent a full catch-up next time"
-                )
+            self._replay(ctx, payload, int(s["base"]), target, float(s["checksum"]))
+        self._keep_synced(ctx, target)
+
+    def _replay(
+        self, ctx: ClientContext, payload: Payload, base: int, target: int, want: float
+    ) -> None:
+        """Records base..target onto the newest start that holds version base or later."""
+        held = int(ctx.state.get("version", 0))
+        if base != 0 and held != base:
+            raise RuntimeError(
+                f"out of sync: the client holds version {held}, the server sent records from "
+                f"version {base}; it will be sent a full catch-up next time"
+            )
+        records = unpack_records(payload)
+        starts: list[tuple[int, Callable[[], Tensors]]] = []
+        shared = self.shared_copy
+        if shared is not None and base <= shared.version <= target:
+            starts.append((shared.version, lambda: shared.tensors))
+        if base != 0 and f"{SYNCED}{ctx.trainable[0]}" in ctx.state:
+            starts.append((base, lambda: {n: ctx.state[SYNCED + n] for n in ctx.trainable}))
+        if base == 0:
+            starts.append((0, self.initial_state))
+        if not starts:
+            raise RuntimeError(
+                f"out of sync: the client holds version {held} but no copy of it is here; it "
+                "will be sent a full catch-up next time"
+            )
+        got = math.nan
+        for version, start in starts:  # a copy from another run fails the checksum: next one
+            write_state(ctx.model, start())
             params = list(parameters_by_name(ctx.model, ctx.trainable).values())
             mask = decayed_mask(params)
-            for record in unpack_records(payload):
+            for record in records[version - base :]:
                 apply_record(params, mask, record, ctx.cfg.seed, self.options.seed_pool)
-            got, want = checksum(params), float(s["checksum"])
-            if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
-                raise RuntimeError(
-                    f"replayed parameters differ from the server's (checksum {got!r} != {want!r}): "
-                    "client and server must start from the same model and seed"
-                )
-        ctx.state["version"] = int(s["version"])
-        for name, tensor in read_state(ctx.model, ctx.trainable).items():
+            got = checksum(params)
+            if math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
+                return
+        raise RuntimeError(
+            f"replayed parameters differ from the server's (checksum {got!r} != {want!r}): "
+            "client and server must start from the same model and seed"
+        )
+
+    def _keep_synced(self, ctx: ClientContext, version: int) -> None:
+        """Point the client's state at the process copy of `version`, making that copy first if
+        the process holds another version: the clients that pointed at the old copy keep only
+        their version number, so the old copy is freed."""
+        shared = self.shared_copy
+        if shared is None or shared.version != version:
+            if shared is not None:
+                for state in shared.holders:
+                    for name in self.trainable_names:
+                        state.pop(SYNCED + name, None)
+            shared = SyncedCopy(version, read_state(ctx.model, ctx.trainable))
+            self.shared_copy = shared
+        ctx.state["version"] = version
+        for name, tensor in shared.tensors.items():
             ctx.state[SYNCED + name] = tensor
+        if not any(state is ctx.state for state in shared.holders):
+            shared.holders.append(ctx.state)
 
     # --- server side ---------------------------------------------------------------------------
     def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
