@@ -78,12 +78,39 @@ def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, li
         raise SystemExit(f"[bench] {name} failed:\n{done.stderr[-2000:]}")
     run_dir = out_dir / name
     summary = json.loads((run_dir / "summary.json").read_text())
+    summary["lr"] = run_lr(run_dir)  # not in summary.json: read back from the run's config.yaml
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     print(
         f"[bench] {name}: accuracy {summary['final_accuracy']:.4f}, {summary['seconds']:.0f} s",
         flush=True,
     )
     return summary, metrics
+
+
+def run_lr(run_dir: Path) -> float:
+    """The client learning rate a finished run used, read from its own config.yaml: `train.lr`,
+    or where that is null the default of the run's method, resolved by fedft's method registry
+    exactly as the run resolved it. A config written by an older fedft (a field since renamed)
+    is read for its `method` and `train` sections only, which are what the learning rate is made
+    of."""
+    import yaml
+
+    from fedft.config import validate_config
+    from fedft.errors import ConfigError
+    from fedft.methods import get_method
+
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        cfg = validate_config(tree)
+    except ConfigError:
+        cfg = validate_config({key: tree[key] for key in ("method", "train") if key in tree})
+    return get_method(cfg.method.name)(cfg.method_options()).lr(cfg)
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate as a table shows it: 1e-3, 3e-4, 2.5e-5."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
 
 def median_round_seconds(metrics: list[dict]) -> float:

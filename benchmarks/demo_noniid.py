@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import DOC, machine, median_round_seconds, plot_accuracy_vs_mb, run_job, write_section
+from common import (
+    DOC,
+    format_lr,
+    machine,
+    median_round_seconds,
+    plot_accuracy_vs_mb,
+    run_job,
+    write_section,
+)
 
 PARTITIONS = {
     "IID": {"data.partition": "iid"},
@@ -26,8 +34,8 @@ def run(out_dir: Path) -> str:
             "global test set; the clients' column is their local test accuracy on the final model",
             "(weighted mean, worst client).",
             "",
-            "| partition | accuracy after round 1 / 4 / 8 | clients' local accuracy (worst) | total MB | s / round (median) |",
-            "|---|---|---|---|---|",
+            "| partition | lr | accuracy after round 1 / 4 / 8 | clients' local accuracy (worst) | total MB | s / round (median) |",
+            "|---|---|---|---|---|---|",
         ],
     )
     for label, sets in PARTITIONS.items():
@@ -37,7 +45,7 @@ def run(out_dir: Path) -> str:
         acc = {m["round"]: m["test_accuracy"] for m in metrics}
         ce = summary["client_eval"]
         lines.append(
-            f"| {label} | {100 * acc[1]:.1f}% / {100 * acc[4]:.1f}% / {100 * acc[8]:.1f}% | "
+            f"| {label} | {format_lr(summary['lr'])} | {100 * acc[1]:.1f}% / {100 * acc[4]:.1f}% / {100 * acc[8]:.1f}% | "
             f"{100 * ce['weighted_accuracy']:.1f}% ({100 * ce['min_accuracy']:.1f}%) | {summary['total_mb']:.1f} | "
             f"{median_round_seconds(metrics):.1f} |"
         )

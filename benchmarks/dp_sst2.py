@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import DOC, SHARED, machine, minilm_iid_setup, run_job, write_section
+from common import DOC, SHARED, format_lr, machine, minilm_iid_setup, run_job, write_section
 
 METHODS = ["full", "bias", "adapter", "prompt", "lora"]
 SAMPLE_EPSILONS = [8.0, 3.0, 1.0]
@@ -61,10 +61,10 @@ def run(out_dir: Path) -> str:
         "sum, divided by the expected 5 clients; clients drawn by Poisson sampling at q = 0.5).",
         "δ = 1e-5 throughout. ε spent is the largest any client's accountant reports at the end.",
         "",
-        "Final accuracy (ε spent, worst client):",
+        "Final accuracy (ε spent, worst client); lr is the learning rate each run used:",
         "",
-        "| method | " + " | ".join(labels) + " |",
-        "|---|" + "---|" * len(labels),
+        "| method | lr | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(labels),
     ]
     for method in METHODS:
         cells = []
@@ -73,7 +73,8 @@ def run(out_dir: Path) -> str:
             spent = (s.get("privacy") or {}).get("epsilon_max")
             cell = f"{100 * s['final_accuracy']:.1f}%"
             cells.append(cell + (f" ({spent:.2f})" if spent is not None else ""))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lrs = " / ".join(format_lr(lr) for lr in sorted({results[method][x]["lr"] for x in labels}))
+        lines.append(f"| {method} | {lrs} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Drop from no DP, in accuracy points (positive: DP lost accuracy):",

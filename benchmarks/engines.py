@@ -12,7 +12,7 @@ import psutil
 
 from fedft.federation.loopback import Federation
 
-from common import SHARED, machine, run_job, write_section
+from common import SHARED, format_lr, machine, run_job, run_lr, write_section
 
 CLIENTS = 4
 SETS = {
@@ -78,6 +78,7 @@ def flower_job(name: str, out_dir: Path, simulation: bool) -> tuple[dict, float,
     finally:
         fed.stop()
     summary = json.loads((out_dir / name / "summary.json").read_text())
+    summary["lr"] = run_lr(out_dir / name)  # from the run's own config.yaml
     print(f"[bench] {name}: accuracy {summary['final_accuracy']:.4f}, {wall:.0f} s", flush=True)
     return summary, wall, memory.peak
 
@@ -115,13 +116,13 @@ def run(out_dir: Path) -> str:
         "ClientApp process per message in a deployment (each loads the model again); the simulation",
         "reuses Ray workers. Bytes are counted from the tensors in the records sent.",
         "",
-        "| engine | wall time | peak memory | client step peak RSS | bytes per round (up+down) | final accuracy |",
-        "|---|---|---|---|---|---|",
+        "| engine | lr | wall time | peak memory | client step peak RSS | bytes per round (up+down) | final accuracy |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, summary, wall, peak in rows:
         per_round = summary["total_bytes"] / summary["rounds_completed"]
         lines.append(
-            f"| {label} | {wall:.0f} s | {peak / 1e6:.0f} MB | {summary['client_peak_rss_mb']:.0f} MB | "
+            f"| {label} | {format_lr(summary['lr'])} | {wall:.0f} s | {peak / 1e6:.0f} MB | {summary['client_peak_rss_mb']:.0f} MB | "
             f"{per_round / 1e6:.2f} MB | {100 * summary['final_accuracy']:.1f}% |"
         )
     lines += [

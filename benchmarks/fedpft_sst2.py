@@ -13,7 +13,15 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common import SHARED, client_memory, machine, minilm_iid_setup, run_job, write_section
+from common import (
+    SHARED,
+    client_memory,
+    format_lr,
+    machine,
+    minilm_iid_setup,
+    run_job,
+    write_section,
+)
 
 ROUNDS, ROWS = 5, 2000
 COMMON = minilm_iid_setup(ROWS, ROUNDS)
@@ -53,7 +61,7 @@ def run(out_dir: Path) -> str:
         "",
         f"Setup: all-MiniLM-L6-v2 (6 blocks, FFN width 1,536), a fixed {ROWS:,}-row subset of the",
         f"SST-2 training set (seed 0), IID over 10 clients; each round 5 clients train; {ROUNDS} rounds;",
-        "batch 16, 1 local epoch, AdamW at LoRA's default 1e-3; LoRA r = 8 on query/value + head in",
+        "batch 16, 1 local epoch, AdamW at the lr column's rate (LoRA's default); LoRA r = 8 on query/value + head in",
         "every run. `fedpft`: blocks 1-4 keep the 25% most salient FFN neurons (blocks 0 and 5 whole);",
         "200 steps of layer-level distillation on 1,000 AG News training texts (public, unlabeled,",
         "another domain; 100 more texts score the loss); every 2 rounds clients report mean |activation|",
@@ -63,8 +71,8 @@ def run(out_dir: Path) -> str:
         "set; the sub-model's own accuracy beside it. Client peak RSS: a fresh process holding only",
         "the client's model runs one client's local epoch (median of 3 processes).",
         "",
-        "| run | full-model acc. | sub-model acc. | client model MB | client peak RSS | LoRA MB / round | one-time MB / client | re-alignment MB (run) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | lr | full-model acc. | sub-model acc. | client model MB | client peak RSS | LoRA MB / round | one-time MB / client | re-alignment MB (run) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     distill_notes = []
     for label, tag, sets in RUNS:
@@ -79,7 +87,7 @@ def run(out_dir: Path) -> str:
         realign = sum(m.get("realign_bytes", 0) for m in metrics) / 1e6
         sub_acc = summary.get("submodel_final_accuracy")
         lines.append(
-            f"| {label} | {100 * summary['final_accuracy']:.1f}% | "
+            f"| {label} | {format_lr(summary['lr'])} | {100 * summary['final_accuracy']:.1f}% | "
             + (f"{100 * sub_acc:.1f}%" if sub_acc is not None else "-")
             + f" | {held:.1f} | {peak:.0f} MB | {lora_mb / 1e6:.2f} | "
             + (f"{one_time:.1f}" if proxy else "- (has the model)")

@@ -13,7 +13,15 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common import SHARED, client_memory, machine, minilm_iid_setup, run_job, write_section
+from common import (
+    SHARED,
+    client_memory,
+    format_lr,
+    machine,
+    minilm_iid_setup,
+    run_job,
+    write_section,
+)
 
 ROUNDS, ROWS = 5, 2000
 COMMON = minilm_iid_setup(ROWS, ROUNDS)
@@ -30,7 +38,7 @@ def run(out_dir: Path) -> str:
         f"Machine: {machine()}.",
         "",
         f"Setup: 10 clients, IID over a fixed {ROWS:,}-row subset of each training set (seed 0); 5",
-        f"clients per round; {ROUNDS} rounds; batch 16, 1 local epoch, AdamW 1e-3; LoRA r = 8 on",
+        f"clients per round; {ROUNDS} rounds; batch 16, 1 local epoch, AdamW (lr column); LoRA r = 8 on",
         "query/value + head. Large = all-MiniLM-L6-v2 with a zero-shot head (cosine similarity, scale",
         "20, to the label names' embeddings; never trained, only queried for logits). Small = its",
         "first 2 blocks with the same kind of head, which clients tune. Proxy-tuned: large + 1.0 ·",
@@ -40,8 +48,8 @@ def run(out_dir: Path) -> str:
         "Accuracy on each test file (SST-2: 872 rows; AG News: 1,520). Client peak RSS: a fresh",
         "process holding only the client's model runs one client's local epoch (median of 3).",
         "",
-        "| data | model scored | accuracy | client trains | client model MB | client peak RSS | MB / round | large-model queries |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | model scored | lr | accuracy | client trains | client model MB | client peak RSS | MB / round | large-model queries |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for folder, label, public in DATASETS:
         data = {"data.source": SHARED / folder}
@@ -66,19 +74,20 @@ def run(out_dir: Path) -> str:
         last_plain, last_dist = m_plain[-1], m_dist[-1]
         small = f"small (2 blocks) | {small_mb:.1f} | {small_peak:.0f} MB"
         large = f"large (6 blocks) | {large_mb:.1f} | {large_peak:.0f} MB"
+        lr_plain, lr_dist, lr_lora = (format_lr(s["lr"]) for s in (s_plain, s_dist, s_lora))
         lines += [
-            f"| {label} | large model alone, zero-shot | {100 * last_plain['large_test_accuracy']:.1f}% | nothing | - | - | - | {queries(s_plain)} |",
-            f"| {label} | small model tuned federatedly | {100 * last_plain['small_test_accuracy']:.1f}% | {small} | {mb_round(m_plain):.2f} | - |",
-            f"| {label} | `fedpt`, proxy-tuned large | {100 * last_plain['test_accuracy']:.1f}% | {small} | {mb_round(m_plain):.2f} | {queries(s_plain)} |",
-            f"| {label} | `fedpt` + distillation, proxy-tuned large | {100 * last_dist['test_accuracy']:.1f}% (small alone {100 * last_dist['small_test_accuracy']:.1f}%) | {small} | {mb_round(m_dist):.2f} | {queries(s_dist)} |",
-            f"| {label} | `lora` on the large model (upper reference) | {100 * s_lora['final_accuracy']:.1f}% | {large} | {mb_round(m_lora):.2f} | - |",
+            f"| {label} | large model alone, zero-shot | - | {100 * last_plain['large_test_accuracy']:.1f}% | nothing | - | - | - | {queries(s_plain)} |",
+            f"| {label} | small model tuned federatedly | {lr_plain} | {100 * last_plain['small_test_accuracy']:.1f}% | {small} | {mb_round(m_plain):.2f} | - |",
+            f"| {label} | `fedpt`, proxy-tuned large | {lr_plain} | {100 * last_plain['test_accuracy']:.1f}% | {small} | {mb_round(m_plain):.2f} | {queries(s_plain)} |",
+            f"| {label} | `fedpt` + distillation, proxy-tuned large | {lr_dist} | {100 * last_dist['test_accuracy']:.1f}% (small alone {100 * last_dist['small_test_accuracy']:.1f}%) | {small} | {mb_round(m_dist):.2f} | {queries(s_dist)} |",
+            f"| {label} | `lora` on the large model (upper reference) | {lr_lora} | {100 * s_lora['final_accuracy']:.1f}% | {large} | {mb_round(m_lora):.2f} | - |",
         ]
         kl = [
             f"{d['distill_kl_before']:.3f} → {d['distill_kl_after']:.3f}"
             for d in s_dist["fedpt"]["distillations"]
         ]
         lines.append(
-            f"| {label} | held-out KL per round's distillation | {'; '.join(kl)} | | | | | |"
+            f"| {label} | held-out KL per round's distillation | | {'; '.join(kl)} | | | | | |"
         )
     lines += [
         "",

@@ -11,6 +11,7 @@ from pathlib import Path
 from common import (
     DOC,
     SHARED,
+    format_lr,
     machine,
     median_round_seconds,
     plot_accuracy_vs_mb,
@@ -69,17 +70,17 @@ def run(out_dir: Path) -> str:
         "",
         "Setup: all-MiniLM-L6-v2, a fixed 2,000-row subset of SST-2 train (seed 0), test on the 872-row",
         "validation set; 10 clients, Dirichlet alpha 0.5; each round 5 clients train 1 local epoch",
-        "(batch 16, AdamW, each method's default learning rate); FedAvg. Bytes are counted from the",
+        "(batch 16, AdamW at each method's default learning rate, the lr column); FedAvg. Bytes are counted from the",
         "tensors each client sent; seconds per round are medians over the run's rounds, wall clock of",
         "the whole round including the global evaluation; memory is the client step's peak RSS.",
         "",
-        "| method | setting | final acc. | best acc. | trainable params | uplink / client / round | share of full | total MB (up+down) | client peak RSS | s / round (median) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | setting | lr | final acc. | best acc. | trainable params | uplink / client / round | share of full | total MB (up+down) | client peak RSS | s / round (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, setting, s, metrics in rows:
         up = s["bytes_up_per_client_per_round"]
         lines.append(
-            f"| {method} | {setting} | {100 * s['final_accuracy']:.1f}% | {100 * s['best_accuracy']:.1f}% | "
+            f"| {method} | {setting} | {format_lr(s['lr'])} | {100 * s['final_accuracy']:.1f}% | {100 * s['best_accuracy']:.1f}% | "
             f"{s['trainable_params']:,} | {up / 1e6:.3f} MB | {100 * up / full_up:.2f}% | {s['total_mb']:.1f} | "
             f"{s['client_peak_rss_mb']:.0f} MB | {median_round_seconds(metrics):.1f} |"
         )

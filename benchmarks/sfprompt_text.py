@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common import SHARED, machine, minilm_iid_setup, run_job, write_section
+from common import SHARED, format_lr, machine, minilm_iid_setup, run_job, write_section
 
 ROUNDS = 3
 COMMON = minilm_iid_setup(1000, ROUNDS)
@@ -60,14 +60,14 @@ def run(out_dir: Path) -> str:
         "",
         "Setup: all-MiniLM-L6-v2 (6 blocks), a fixed 1,000-row subset of each training set (seed 0),",
         f"IID over 10 clients; each round 5 clients train; {ROUNDS} rounds; batch 16, 1 local epoch,",
-        "AdamW, each method's default learning rate. `sfprompt`: head = embeddings + 1 block + 20",
+        "AdamW, each method's default learning rate (lr column). `sfprompt`: head = embeddings + 1 block + 20",
         "prompt tokens, body = 4 blocks (server), tail = 1 block + pooler + classifier; EL2N keeps",
         "half of each client's rows for the split phase; phase 1 is 1 epoch; 4 batches per exchange.",
         "Accuracy is on each test file (SST-2: the 872-row validation set; AG News: 1,520 rows).",
         "Per round: medians over the rounds; MB are both ways, summed over the round's clients.",
         "",
-        "| data | method | final acc. | parameter MB / round | activation MB / round | exchanges / round | client s / round | client peak RSS | server body s / round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data | method | lr | final acc. | parameter MB / round | activation MB / round | exchanges / round | client s / round | client peak RSS | server body s / round |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for folder, label in DATASETS:
         for name, sets in RUNS:
@@ -88,7 +88,7 @@ def run(out_dir: Path) -> str:
                 / 1e6
             )
             lines.append(
-                f"| {label} | {name} | {100 * summary['final_accuracy']:.1f}% | {params_mb:.1f} | "
+                f"| {label} | {name} | {format_lr(summary['lr'])} | {100 * summary['final_accuracy']:.1f}% | {params_mb:.1f} | "
                 f"{per_round(metrics, 'activation_bytes') / 1e6:.1f} | "
                 f"{per_round(metrics, 'exchanges'):.0f} | {per_round(metrics, 'client_seconds_mean'):.1f} | "
                 f"{summary['client_peak_rss_mb']:.0f} MB | {per_round(metrics, 'server_body_seconds'):.1f} |"
