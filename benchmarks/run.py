@@ -22,6 +22,7 @@ SECTIONS = {
     "demo": demo_noniid.run,
     "engines": engines.run,
     "zo-memory": zo_memory.run,
+    "zo-sweep": zo_sst2.sweep,
     "zo": zo_sst2.run,
     "dp": dp_sst2.run,
     "sfprompt": sfprompt_text.run,
