@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fedft.errors import ModelError
 from fedft.federation.engine import build_task, evaluate_global, run_federation
-from fedft.federation.training import read_state
+from fedft.federation.training import evaluate, read_state, write_state
 from fedft.methods.fedpt.logits import (
     CountingCache,
     HttpLogitsSource,
@@ -27,6 +27,7 @@ from fedft.methods.fedpt.proxy import (
     proxy_generate,
 )
 from fedft.metrics import rundir
+from fedft.metrics.report import summary_rows
 from fedft.models.backbone import minilm_path
 
 from helpers import tiny_config
@@ -233,3 +234,58 @@ def test_local_source_scores_the_zero_shot_large_model(tmp_path: Path):
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         by_hand = 20.0 * F.normalize(pooled, dim=-1) @ F.normalize(net.classifier.weight, dim=-1).T
     torch.testing.assert_close(source.logits(texts), by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_test_accuracy_scores_the_proxy_of_the_clients_aggregate_not_the_distilled_model(
+    tmp_path: Path,
+):
+    """One round with and without distillation: the clients train from the same start, so their
+    aggregate is the same, and `test_*` scores its proxy in both runs; `distilled_*` scores the
+    small model distillation made (the next round's start) and its proxy."""
+
+    def one_round(name: str, steps: int):
+        sets = {**PAIR, "federation.rounds": 1, "method.distill_steps": steps}
+        cfg = tiny_config(tmp_path, "fedpt", **{**sets, "method.distill_lr": 1e-2})
+        task = build_task(cfg)
+        server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
+        run_dir = Path(cfg.output_dir) / name
+        rundir.start_run_dir(run_dir, "{}", overwrite=False)
+        summary = run_federation(task, run_dir, server=server)
+        return task, server, run_dir, rundir.read_metrics(run_dir)[-1], summary
+
+    _, _, _, plain, _ = one_round("plain", 0)
+    task, server, run_dir, line, summary = one_round("distilled", 30)
+    for key in ("test_accuracy", "small_test_accuracy", "large_test_accuracy"):
+        assert line[key] == plain[key], key
+    assert line["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-6)
+    assert "distilled_test_accuracy" not in plain
+    assert line["distilled_test_loss"] != pytest.approx(line["test_loss"], rel=1e-3)
+    assert line["distilled_small_test_loss"] != pytest.approx(line["small_test_loss"], rel=1e-3)
+    assert summary["final_accuracy"] == line["test_accuracy"]
+    assert summary["distilled_final_accuracy"] == line["distilled_test_accuracy"]
+    table = dict(summary_rows(summary))
+    assert table["after distillation: proxy"] == f"{100 * line['distilled_test_accuracy']:.2f}%"
+
+    # by hand: the proxy with the aggregate, and with the distilled (global) state
+    assert server.model_state() is server.clients_aggregate
+    assert any(
+        not torch.equal(server.clients_aggregate[k], v) for k, v in server.global_state.items()
+    )
+    small = copy.deepcopy(server.small)
+    for state, prefix in (
+        (server.clients_aggregate, "test"),
+        (server.global_state, "distilled_test"),
+    ):
+        write_state(small, state)
+        proxy = ProxyTuned(server.large, small, server.untuned, server.options.alpha).eval()
+        stats = evaluate(proxy, task.data.test, None, 64, task.device)
+        assert stats.accuracy == line[f"{prefix}_accuracy"]
+        assert stats.loss == pytest.approx(line[f"{prefix}_loss"], rel=1e-6)
+
+    # the checkpoint keeps the aggregate, so a resumed run scores the same deployed model
+    tensors, meta = rundir.load_checkpoint(run_dir)
+    _, fresh = pt_server(tmp_path / "fresh", **{"method.distill_steps": 30})
+    fresh.load_state_dict(tensors, meta["server"])
+    assert all(
+        torch.equal(fresh.clients_aggregate[k], v) for k, v in server.clients_aggregate.items()
+    )

@@ -301,8 +301,23 @@ def demo_rows(n: int, seed: int) -> list[tuple[str, int]]:
 
 DEMO_TRAIN_SIZE = 2400
 DEMO_TEST_SIZE = 600
+DEMO_PUBLIC_SIZE = 1200
 
 
 def demo_splits() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """The fixed train and test splits of the demo set (different seeds, so no shared draws)."""
     return demo_rows(DEMO_TRAIN_SIZE, seed=20240611), demo_rows(DEMO_TEST_SIZE, seed=20240612)
+
+
+def demo_public_texts() -> list[str]:
+    """The demo set's public split: unlabeled texts for a server that distils (`fedpft`, `fedpt`).
+
+    No client holds them: they are drawn with a seed of their own, and any sentence that the
+    templates happen to give the train or test split too is dropped (as are repeats), so the
+    server never distils on a client's row or on the rows that score the run."""
+    train, test = demo_splits()
+    held = {text for text, _ in train} | {text for text, _ in test}
+    texts = list(dict.fromkeys(t for t, _ in demo_rows(2 * DEMO_PUBLIC_SIZE, seed=20240613)))
+    public = [t for t in texts if t not in held][:DEMO_PUBLIC_SIZE]
+    assert len(public) == DEMO_PUBLIC_SIZE  # the templates give far more distinct sentences
+    return public

@@ -1,8 +1,19 @@
 """The server's public unlabeled inputs for distillation: read the way `data.source` is, but only
-the inputs; labels are neither needed nor read (text sources may have no label column)."""
+the inputs; labels are neither needed nor read (text sources may have no label column).
+
+Public means that no client holds it. A server that distils on the clients' own rows would read
+the data federated learning keeps on the clients, so `load_public` refuses a source that is the
+clients' training data: the same file or folder as `data.source` (paths resolved), the same hub
+name, or any row that is also a training row of `data.source` (all of its training split, before
+`data.max_train_samples`; texts compared with their whitespace collapsed, images by their
+pixels). The rule is strict: one shared row is refused, with the count, because the server
+cannot tell a chance duplicate from a client's row. The built-in default, `demo`, is the demo
+set's own public split, which no client holds.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +23,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from fedft.config import DataConfig
-from fedft.data.demo import demo_splits
+from fedft.data.demo import demo_public_texts
 from fedft.data.encode import TensorData, encode
 from fedft.data.sources import TRAIN_STEMS, find_file, load_raw, looks_like_path, read_file
-from fedft.errors import DataError
+from fedft.errors import ConfigError, DataError
 from fedft.models.backbone import Preprocess
 
 
@@ -23,7 +34,9 @@ class PublicDataOptions(BaseModel):
     """The options of a method that distils on the server's public inputs."""
 
     public_data: str = Field(
-        "demo", description="public unlabeled inputs for distillation (read like data.source)"
+        "demo",
+        description="public unlabeled inputs for distillation, read like data.source; never the "
+        "clients' data ('demo': the demo set's public split, which no client holds)",
     )
     public_text_column: str = Field("text", description="text column of public_data")
     public_rows: int = Field(1000, ge=1, description="public rows used to distil")
@@ -31,10 +44,11 @@ class PublicDataOptions(BaseModel):
         100, ge=1, description="further public rows only scored (the loss before and after)"
     )
 
-    def load_public(self, pre: Preprocess, seed: int) -> PublicInputs:
+    def load_public(self, pre: Preprocess, clients: DataConfig, seed: int) -> PublicInputs:
+        """The public inputs, refused if they are (or share a row with) `clients`' training data."""
         return load_public(
             self.public_data, self.public_text_column, self.public_rows, self.public_heldout,
-            pre, seed,
+            pre, seed, clients,
         )  # fmt: skip
 
 
@@ -47,8 +61,7 @@ class PublicInputs:
 
 def _texts(source: str, column: str) -> list[str]:
     if source == "demo":
-        train, _ = demo_splits()
-        return [text for text, _ in train]
+        return demo_public_texts()
     path = Path(source).expanduser()
     if not path.exists() and looks_like_path(source):
         raise DataError(f"method.public_data: {source} does not exist; name a text file or folder")
@@ -75,10 +88,68 @@ def _texts(source: str, column: str) -> list[str]:
     return ["" if t is None else str(t) for t in ds[column]]
 
 
+def _train_file(source: str) -> Path | None:
+    """The file a source's training rows come from (a folder's train.*), resolved; None for the
+    demo set and hub names."""
+    if source == "demo":
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = find_file(path, TRAIN_STEMS)
+        return found.resolve() if found else path.resolve()
+    return path.resolve() if path.exists() else None
+
+
+def _fingerprint(row: object) -> bytes:
+    """A short hash of a row: a text with its whitespace collapsed, or an image's float32 pixels
+    (so a copy of the clients' rows matches however it was re-saved)."""
+    if isinstance(row, str):
+        raw = " ".join(row.split()).encode()
+    else:
+        raw = np.asarray(row, dtype=np.float32).tobytes()
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def check_not_clients_data(
+    source: str, public_rows: list[object], clients: DataConfig, seed: int
+) -> None:
+    """Refuse public inputs that are the clients' training data: the same source, or any row
+    in common with `clients`' whole training split (see the module's docstring for the rule)."""
+    change = (
+        "distillation must use data no client holds: set method.public_data to another source "
+        "(the default 'demo' is a public split no client holds)"
+    )
+    same_file = _train_file(source)
+    same_name = source == clients.source and source != "demo"  # demo's public split is its own
+    if same_name or (same_file is not None and same_file == _train_file(clients.source)):
+        raise ConfigError(
+            f"method.public_data: {source} is data.source {clients.source}, the clients' "
+            f"training data; {change}"
+        )  # fmt: skip
+    full = clients.model_copy(update={"max_train_samples": None, "max_test_samples": None})
+    train = load_raw(full, seed).train
+    column = "text" if "text" in train.column_names else "pixels"
+    theirs = {_fingerprint(row) for row in train[column]}
+    shared = sum(_fingerprint(row) in theirs for row in public_rows)
+    if shared:
+        what = "all" if shared == len(public_rows) else f"{shared:,}"
+        raise ConfigError(
+            f"method.public_data: {what} of its {len(public_rows):,} rows are also training rows of "
+            f"data.source {clients.source} (the clients' data); {change}, or remove those rows"
+        )
+
+
 def load_public(
-    source: str, column: str, rows: int, heldout: int, pre: Preprocess, seed: int
+    source: str,
+    column: str,
+    rows: int,
+    heldout: int,
+    pre: Preprocess,
+    seed: int,
+    clients: DataConfig,
 ) -> PublicInputs:
-    """Up to `rows` + `heldout` inputs from `source`, in a seeded order."""
+    """Up to `rows` + `heldout` inputs from `source`, in a seeded order; refused if they are the
+    clients' training data (`clients`)."""
     if pre.kind == "text":
         texts = _texts(source, column)
         table = datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)})
@@ -90,6 +161,7 @@ def load_public(
                 "name an image source"
             )
         table = raw.train
+    check_not_clients_data(source, table["text" if pre.kind == "text" else "pixels"], clients, seed)
     if len(table) < 2:
         raise DataError(
             f"method.public_data: {source} has {len(table)} rows; distillation needs more"

@@ -48,6 +48,11 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             ("small model alone (tuned)", _pct(summary.get("small_final_accuracy"))),
             ("large model alone", _pct(summary.get("large_final_accuracy"))),
         ]
+        if summary.get("distilled_final_accuracy") is not None:  # scored apart from the deployed
+            rows[6:6] = [
+                ("after distillation: proxy", _pct(summary["distilled_final_accuracy"])),
+                ("after distillation: small", _pct(summary.get("distilled_small_final_accuracy"))),
+            ]
         rows.append(
             (
                 "large-model queries (server only)",

@@ -193,5 +193,5 @@ class FedPft(Lora):
         o = self.options
         public = None
         if ffns and (o.distill_steps or o.realign_every):
-            public = o.load_public(full.preprocess, cfg.seed)
+            public = o.load_public(full.preprocess, cfg.data, cfg.seed)
         return FedPftServer(cfg, initial, full, sub, ffns, public, o, device)

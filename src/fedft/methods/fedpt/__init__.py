@@ -129,5 +129,5 @@ class FedPt(Lora):
         o = self.options
         public = None
         if o.distill_steps > 0:
-            public = o.load_public(small.preprocess, cfg.seed)
+            public = o.load_public(small.preprocess, cfg.data, cfg.seed)
         return FedPtServer(cfg, initial, large, small, untuned, public, o, device)

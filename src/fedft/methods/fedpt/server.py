@@ -2,12 +2,19 @@
 distils the proxy-tuned large model into the small one on public unlabeled inputs, and scores the
 large model alone, the small tuned model alone and the proxy-tuned large model.
 
+What is deployed is the proxy-tuned large model steered by the clients' aggregate, so that is
+what `test` scores (and `small_test` the aggregate alone): the server keeps the aggregate aside
+before distillation overwrites the small model. The distilled small model, which the next round's
+clients start from, and its proxy are scored beside them as `distilled_small_test` and
+`distilled_test`.
+
 The large model is only ever asked for logits, through a cache: it is frozen, so each input is
 asked once. Its queries (count and bytes) are reported apart from the clients' bytes.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -51,6 +58,12 @@ class FedPtServer(FedAvgServer):
         self.device = device
         self.reported = (0, 0)  # large-model queries and bytes already reported
         self.reports: list[dict[str, float]] = []
+        # The clients' aggregate of the last round, kept before distillation replaces the global
+        # state; None until a round has distilled (then it is the global state itself).
+        self.clients_aggregate: Tensors | None = None
+        self.deployed: TaskModel | None = None  # a second small model, to score the aggregate
+        if public is not None and options.distill_steps > 0:
+            self.deployed = copy.deepcopy(small)
         for model in (small, untuned):
             write_state(model, initial)
         untuned.eval()  # frozen for good: never trained, so never in train mode
@@ -71,6 +84,9 @@ class FedPtServer(FedAvgServer):
     ) -> dict[str, Any]:
         metrics = {}
         if self.public is not None and self.options.distill_steps > 0:
+            self.clients_aggregate = dict(
+                self.global_state
+            )  # what is deployed, kept before distilling
             metrics.update(self.distil(round_number))
         return {**metrics, **self.query_costs("round")}
 
@@ -142,25 +158,49 @@ class FedPtServer(FedAvgServer):
         return {**report, "distill_seconds": time.perf_counter() - started}
 
     # --- evaluation, checkpoint, summary ------------------------------------------------------
+    def model_state(self) -> Tensors:
+        """The deployed small model: the clients' aggregate (before any distillation)."""
+        return self.global_state if self.clients_aggregate is None else self.clients_aggregate
+
     def evaluation_models(self, task_model: TaskModel) -> dict[str, nn.Module]:
+        """`test`: the proxy-tuned large model steered by the clients' aggregate (what is
+        deployed); `small_test`: that aggregate alone; `large_test`: the large model alone. After
+        a distillation, `distilled_test` and `distilled_small_test` score the distilled small
+        model (the next round's start) and its proxy."""
+        alpha = self.options.alpha
         write_state(self.small, self.global_state)
-        return {  # made in eval mode, which scoring restores them (and their parts) to
-            "test": ProxyTuned(self.large, self.small, self.untuned, self.options.alpha).eval(),
-            "small_test": self.small,
+        if self.clients_aggregate is None or self.deployed is None:
+            deployed = self.small
+        else:
+            deployed = self.deployed
+            write_state(deployed, self.clients_aggregate)
+        models: dict[str, nn.Module] = {  # made in eval mode, which scoring restores them to
+            "test": ProxyTuned(self.large, deployed, self.untuned, alpha).eval(),
+            "small_test": deployed,
             "large_test": LargeAlone(self.large, self.small).eval(),
         }
+        if deployed is not self.small:
+            models["distilled_test"] = ProxyTuned(
+                self.large, self.small, self.untuned, alpha
+            ).eval()
+            models["distilled_small_test"] = self.small
+        return models
 
     def evaluation_costs(self) -> dict[str, Any]:
         return self.query_costs("eval")
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         tensors, meta = super().state_dict()
+        if self.clients_aggregate is not None:
+            tensors.update({f"aggregate.{k}": v for k, v in self.clients_aggregate.items()})
         meta["fedpt"] = {"reports": self.reports}
         return tensors, meta
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
         super().load_state_dict(tensors, meta)
         self.reports = list(meta.get("fedpt", {}).get("reports", []))
+        if all(f"aggregate.{k}" in tensors for k in self.global_state):
+            self.clients_aggregate = {k: tensors[f"aggregate.{k}"] for k in self.global_state}
 
     def summary(self) -> dict[str, Any]:
         return {
