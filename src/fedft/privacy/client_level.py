@@ -91,15 +91,16 @@ _CLIENT_DP_DROPPED = (
 def privacy_view(cfg: PrivacyConfig, line: dict[str, Any]) -> dict[str, Any]:
     """The round line as it may be published. Every DP line says whether its noise is private;
     under client-level DP, participant ids, failure details, training loss, raw update norms and
-    per-client timings are dropped, and only counts remain."""
+    per-client timings are dropped, and only counts remain. A not-private run (reproducible
+    noise, for tests and for tuning C on trial data) keeps them all: it guarantees nothing."""
     if cfg.mode == "none":
         return line
     out = dict(line)
     out["private"] = not cfg.reproducible_noise_not_private
     if cfg.reproducible_noise_not_private:
         out["privacy_note"] = NOT_PRIVATE
-    if cfg.mode == "client":
-        out["participants"] = len(line.get("clients", []))
+    out["participants"] = len(line.get("clients", []))
+    if cfg.mode == "client" and not cfg.reproducible_noise_not_private:
         for key in _CLIENT_DP_DROPPED:
             out.pop(key, None)
         out["failed"] = [{"client": WITHHELD, "error": WITHHELD} for _ in line.get("failed", [])]
