@@ -1,6 +1,9 @@
+import time
+
 import torch
 
 from fedft.federation.payload import Payload
+from fedft.metrics import measure as measure_module
 from fedft.metrics.measure import measure
 
 
@@ -22,3 +25,14 @@ def test_peak_memory_is_per_measurement_not_lifetime():
         torch.ones(10)
     assert big.peak_rss_bytes - small.peak_rss_bytes > 250 * 1024 * 1024
     assert big.seconds > 0
+
+
+def test_where_the_high_water_mark_cannot_be_reset_a_sampler_measures(monkeypatch):
+    monkeypatch.setattr(measure_module, "_reset_hwm", lambda: False)
+    with measure() as big:
+        block = torch.ones(300 * 1024 * 1024 // 4)  # 300 MB, touched
+        time.sleep(0.05)  # the sampler looks every 5 ms
+        del block
+    with measure() as small:
+        torch.ones(10)
+    assert big.peak_rss_bytes - small.peak_rss_bytes > 250 * 1024 * 1024

@@ -52,15 +52,15 @@ class _Sampler(threading.Thread):
         self.process = psutil.Process()
         self.interval = interval
         self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
+        self._done = threading.Event()  # not `_stop`: that is Thread's own method
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.peak = max(self.peak, self.process.memory_info().rss)
             time.sleep(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._done.set()
         self.join()
         return max(self.peak, self.process.memory_info().rss)
 
