@@ -10,7 +10,7 @@ Mersenne Twister, whose state can be recovered from its outputs and which takes 
 any Gaussian sampler that maps one uniform float to one normal float leaks through the gaps of
 floating-point numbers (Mironov 2012; Holohan & Braghin 2021 show the attack on Opacus). So
 `SecretRandom` takes its bits from the operating system's CSPRNG (`os.urandom`: the kernel's
-ChaCha20 generator on Linux) for every draw, turns 53 of each 64 bits into a uniform in (0, 1),
+ChaCha20 generator on Linux) for every draw, turns 52 of each 64 bits into a uniform in (0, 1],
 makes normals by Box-Muller in float64, and returns the sum of four normals halved, the defence
 against floating-point attacks that Opacus's own `secure_mode` uses (Holohan & Braghin's 2n with
 n = 2). Opacus's `secure_mode` itself needs `torchcsprng`, which no longer builds for current
@@ -31,6 +31,8 @@ import torch
 from fedft.config import PrivacyConfig
 from fedft.federation.training import derived_seed
 
+_MANTISSA = (1 << 52) - 1
+_ONE = 0x3FF0000000000000  # the bits of float64 1.0
 NOT_PRIVATE = "NOT PRIVATE: privacy.reproducible_noise_not_private=true (noise from the run seed)"
 
 
@@ -40,7 +42,7 @@ class RandomSource(Protocol):
     private: bool
 
     def uniform(self, n: int) -> torch.Tensor:
-        """n float64 uniforms in (0, 1), on the CPU."""
+        """n float64 uniforms in (0, 1], on the CPU."""
         ...
 
     def normal(
@@ -61,11 +63,12 @@ class SecretRandom:
     CHUNK = 1 << 20  # coordinates per batch of bytes: bounds the float64 work buffers (~40 MB)
 
     def uniform(self, n: int) -> torch.Tensor:
-        raw = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) if n else None
-        if raw is None:
+        if n == 0:
             return torch.empty(0, dtype=torch.float64)
-        bits = (raw >> 11) & ((1 << 53) - 1)  # 53 uniform bits (arithmetic shift, then masked)
-        return bits.to(torch.float64).add_(0.5).mul_(2.0**-53)
+        raw = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64)
+        # 52 random mantissa bits under the exponent of 1.0: a float64 uniform in [1, 2) ...
+        ones = raw.bitwise_and_(_MANTISSA).bitwise_or_(_ONE).view(torch.float64)
+        return ones.neg_().add_(2.0)  # ... mapped to (0, 1], where log never sees 0
 
     def _standard_normal(self, n: int) -> torch.Tensor:
         """n standard normals, each the halved sum of four Box-Muller draws."""
@@ -73,7 +76,7 @@ class SecretRandom:
         u = self.uniform(2 * pairs)
         radius = u[:pairs].log_().mul_(-2.0).sqrt_()
         angle = u[pairs:].mul_(2.0 * math.pi)
-        draws = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[: 4 * n]
+        draws = torch.view_as_real(torch.polar(radius, angle)).flatten()[: 4 * n]
         return draws.view(4, n).sum(dim=0).mul_(0.5)
 
     def normal(self, shape, std, dtype=torch.float32, device="cpu") -> torch.Tensor:
