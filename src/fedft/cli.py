@@ -65,30 +65,43 @@ def _run(args: argparse.Namespace) -> int:
     from fedft.metrics.report import format_summary
 
     shortcuts = {}
-    if args.data:
+    if args.data is not None:
         shortcuts["data.source"] = args.data
-    if args.model:
+    if args.model is not None:
         shortcuts["model.name"] = args.model
-    if args.method:
+    if args.method is not None:
         shortcuts["method.name"] = args.method
-    if args.name:
+    if args.name is not None:
         shortcuts["name"] = args.name
 
+    lock = None
     if args.resume:
+        fixed = [
+            flag
+            for flag, value in (
+                ("--config", args.config),
+                ("--data", args.data),
+                ("--model", args.model),
+                ("--method", args.method),
+                ("--name", args.name),
+                ("--overwrite", args.overwrite or None),
+            )
+            if value is not None
+        ]
+        if fixed:
+            raise FedftError(
+                f"--resume continues the run as it was configured: drop {', '.join(fixed)} "
+                "(only --set federation.rounds=N may change)"
+            )
         run_dir = Path(args.resume)
         saved = run_dir / rundir.CONFIG
         if not saved.is_file():
             raise FedftError(
                 f"--resume {run_dir}: no {rundir.CONFIG} there; give the folder of an earlier run"
             )
-        if args.config:
-            raise FedftError(
-                "--resume takes its config from the run folder; drop --config (use --set federation.rounds=N to extend it)"
-            )
+        lock = rundir.RunLock(run_dir).acquire()  # one writer: refuses a folder in use
         cfg = build_config(saved, args.set)
-        import yaml
-
-        before = validate_config(yaml.safe_load(saved.read_text())).model_dump(mode="json")
+        before = validate_config(_read_yaml(saved)).model_dump(mode="json")
         after = cfg.model_dump(mode="json")
         before["federation"].pop("rounds")
         after["federation"].pop("rounds")
@@ -96,15 +109,19 @@ def _run(args: argparse.Namespace) -> int:
             raise FedftError(
                 "--resume: only federation.rounds may change on resume; start a new run for other changes"
             )
+        _, meta = rundir.load_checkpoint(run_dir)  # fails clearly before anything is touched
+        if cfg.federation.rounds < int(meta["round"]):
+            raise FedftError(
+                f"--resume {run_dir}: federation.rounds={cfg.federation.rounds} is fewer than the "
+                f"{meta['round']} rounds already completed; give at least {meta['round']}"
+            )
         task = build_task(cfg)
         server = make_server(task)
-        rundir.load_checkpoint(run_dir)  # fails clearly before anything is touched
-        rundir.write_config(run_dir, cfg)
     else:
         cfg = build_config(args.config, args.set, base=shortcuts)
         task = build_task(cfg)  # every input check happens here, before any file is written
         server = make_server(task)  # and the server's own (a model or data only it loads)
-        run_dir = rundir.new_run_dir(cfg, args.overwrite)
+        run_dir, lock = rundir.new_run_dir(cfg, args.overwrite)
 
     print(
         f"fedft: {cfg.method.name} on {cfg.model.name}, data {cfg.data.source} "
@@ -113,17 +130,32 @@ def _run(args: argparse.Namespace) -> int:
         f"{task.trainable_params:,} trainable parameters -> {run_dir}",
         flush=True,
     )
-    summary = run_federation(
-        task,
-        run_dir,
-        resume=bool(args.resume),
-        progress=None if args.quiet else TqdmProgress(),
-        server=server,
-    )
+    try:
+        summary = run_federation(
+            task,
+            run_dir,
+            resume=bool(args.resume),
+            progress=None if args.quiet else TqdmProgress(),
+            server=server,
+        )
+    finally:
+        lock.release()
     print(format_summary(summary))
     chance = 1 / task.data.num_labels
     print(f"chance level: {100 * chance:.1f}%   run folder: {run_dir}")
     return 0
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FedftError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise FedftError(f"{path} must hold a mapping of sections")
+    return tree
 
 
 def _methods(_: argparse.Namespace) -> int:
@@ -149,12 +181,25 @@ def _report(args: argparse.Namespace) -> int:
     from fedft.metrics import rundir
     from fedft.metrics.report import format_summary
 
-    path = Path(args.run_dir) / rundir.SUMMARY
+    folder = Path(args.run_dir)
+    if not folder.is_dir():
+        raise FedftError(f"{folder} is not a folder; give a run folder, e.g. runs/lora-demo")
+    path = folder / rundir.SUMMARY
     if not path.is_file():
+        if not (folder / rundir.CONFIG).is_file():
+            raise FedftError(f"{folder} is not a fedft run folder (no {rundir.CONFIG} in it)")
         raise FedftError(
-            f"{args.run_dir} has no {rundir.SUMMARY}; the run has not finished (resume it with fedft run --resume)"
+            f"{folder} has no {rundir.SUMMARY}; the run has not finished (resume it with fedft run --resume)"
         )
-    print(format_summary(json.loads(path.read_text())))
+    try:
+        summary = json.loads(path.read_text())
+        table = format_summary(summary)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise FedftError(
+            f"{path} is damaged ({type(exc).__name__}: {str(exc)[:80]}); rerun or resume the run "
+            "to write it again"
+        ) from None
+    print(table)
     return 0
 
 
@@ -164,14 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a federated fine-tuning job")
-    run.add_argument("--config", help="YAML config file")
+    run = sub.add_parser(
+        "run",
+        help="run a federated fine-tuning job",
+        description=(
+            "Run (or resume) a federated fine-tuning job. The config is the YAML file, then the "
+            "shortcuts, then each --set in order; `fedft config` lists every field with its "
+            "default and help."
+        ),
+        epilog=(
+            "examples:\n"
+            "  fedft run --data ../shared/data/sst2 --set method.name=adapter --set method.r=32\n"
+            "  fedft run --config run.yaml --set federation.clients=50 --set 'method.target_modules=[query, value]'\n"
+            "  fedft run --resume runs/lora-demo --set federation.rounds=12"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", help="YAML config file with sections model, data, federation, ...")
     run.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a field, e.g. --set method.name=bias",
+        help="override one field by its dotted name; the value is YAML (8, 1e-3, true, [a, b], "
+        "null), e.g. --set method.name=bias; repeat for more",
     )
     run.add_argument("--data", help="shortcut for --set data.source=...")
     run.add_argument("--model", help="shortcut for --set model.name=...")
@@ -181,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint"
     )
     run.add_argument(
-        "--overwrite", action="store_true", help="replace an existing run folder of the same name"
+        "--overwrite",
+        action="store_true",
+        help="replace the run folder of the same name (only one that fedft made, holding only its files)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
@@ -191,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config", help="print every config field with its default and help"
     ).set_defaults(func=_config)
     report = sub.add_parser("report", help="print the summary table of a finished run")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run folder, e.g. runs/lora-demo")
     report.set_defaults(func=_report)
     return parser
 
@@ -205,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except FedftError as exc:
         print(f"fedft: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader went away (`fedft report RUN | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return 0
     except KeyboardInterrupt:
         print(
             "fedft: interrupted; the last checkpoint is intact (continue with fedft run --resume RUN_DIR)",

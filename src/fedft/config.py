@@ -7,17 +7,26 @@ method adds its options without touching this file.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedft.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # infinities and NaN are never a meaningful setting: refuse them with the field's name
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -200,6 +209,36 @@ class RunConfig(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str | None) -> str | None:
+        """A run's name is one folder inside output_dir: nothing fedft writes or deletes may lie
+        outside it."""
+        if name is None:
+            return None
+        if name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{name!r} is not a folder name: give one path component (no '/', not '.' or "
+                "'..', not empty), e.g. --name my-run"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _caps_that_would_be_silent(self) -> RunConfig:
+        f = self.federation
+        if f.sample_count is not None and f.sample_count > f.clients:
+            raise ValueError(
+                f"federation.sample_count={f.sample_count} is more than federation.clients="
+                f"{f.clients}; sample at most every client"
+            )
+        per_round = f.sample_count or math.ceil(f.sample_fraction * f.clients)
+        if self.privacy.mode != "client" and f.min_replies > per_round:
+            raise ValueError(
+                f"federation.min_replies={f.min_replies} is more than the {per_round} clients "
+                "sampled per round, so every round would stop the run; lower it or sample more"
+            )
+        return self
+
     @model_validator(mode="after")
     def _check_method(self) -> RunConfig:
         from fedft.methods import get_method
@@ -221,10 +260,13 @@ def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "config"
+        message = str(item["msg"]).removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown field; see `fedft config` for the fields there are")
+        elif not item["loc"]:  # a check across fields: its message names them
+            lines.append(message)
         else:
-            lines.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"{where}: {message} (got {item.get('input')!r})")
     return "; ".join(lines)
 
 

@@ -15,8 +15,9 @@ import torch
 
 from fedft.config import RunConfig
 from fedft.data import FederatedData, build_federated_data, load_raw
-from fedft.errors import BudgetSpent, ConfigError
+from fedft.errors import BudgetSpent, ConfigError, RunStopped
 from fedft.federation.client import ClientRuntime
+from fedft.federation.fingerprint import check_fingerprint, run_fingerprint
 from fedft.federation.grid import Grid, LocalGrid
 from fedft.federation.payload import Message, Reply
 from fedft.federation.sampling import clients_per_round
@@ -318,6 +319,17 @@ def make_server(task: Task) -> Server:
     return task.method.make_server(task.cfg, read_state(task.model, task.method.trainable_names))
 
 
+def refuse_non_finite(server: Server, round_number: int) -> None:
+    """Stop before a non-finite global state is checkpointed: the last good one stays."""
+    bad = [n for n, t in server.model_state().items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RunStopped(
+            f"round {round_number}: the new global state holds non-finite values "
+            f"({', '.join(bad[:3])}); the checkpoint of round {round_number - 1} is kept. "
+            "Lower train.lr or federation.server_lr, then --resume"
+        )
+
+
 def run_federation(
     task: Task,
     run_dir: Path,
@@ -333,12 +345,22 @@ def run_federation(
     checks ran before the run folder was created)."""
     cfg = task.cfg
     server = server or make_server(task)
+    fingerprint = run_fingerprint(task)
     first_round, history = 1, []
     if resume:
         tensors, meta = rundir.load_checkpoint(run_dir)
+        check_fingerprint(meta.get("fingerprint"), fingerprint, run_dir)
+        done = int(meta["round"])
+        if cfg.federation.rounds < done:
+            raise ConfigError(
+                f"--resume {run_dir}: federation.rounds={cfg.federation.rounds} is fewer than the "
+                f"{done} rounds already completed; give at least {done}"
+            )
+        rundir.clean_temporaries(run_dir)
+        rundir.write_config(run_dir, cfg)  # the one change resume allows: more rounds
         server.load_state_dict(tensors, meta["server"])
-        first_round = int(meta["round"]) + 1
-        history = rundir.truncate_metrics(run_dir, int(meta["round"]))
+        first_round = done + 1
+        history = rundir.truncate_metrics(run_dir, done)
     totals = Totals.from_history(history)
     if grid is None:
         runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
@@ -356,6 +378,7 @@ def run_federation(
                 log.warning("%s", exc)
                 totals.stopped = str(exc)
                 break
+            refuse_non_finite(server, round_number)
             round_seconds = time.perf_counter() - started
             line = round_line(
                 round_number, outcome.replies, outcome.metrics, totals, task.trainable_params
@@ -376,7 +399,11 @@ def run_federation(
             totals.history.append(line)
             rundir.append_metrics(run_dir, line)
             tensors, server_meta = server.state_dict()
-            rundir.save_checkpoint(run_dir, tensors, {"round": round_number, "server": server_meta})
+            rundir.save_checkpoint(
+                run_dir,
+                tensors,
+                {"round": round_number, "server": server_meta, "fingerprint": fingerprint},
+            )
             if progress:
                 progress.round_done(line)
         client_eval = evaluate_clients(task, server, grid, rounds + 1)

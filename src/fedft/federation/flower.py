@@ -45,7 +45,6 @@ from fedft.metrics import rundir
 from fedft.metrics.measure import measure
 
 log = logging.getLogger("fedft")
-STOPPED_FILE = "stopped.txt"
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -221,9 +220,10 @@ def _server_main(grid: FlowerGridApi, context: Context) -> None:
     task = build_task(cfg)
     if resume:
         run_dir = Path(resume)
+        lock = rundir.RunLock(run_dir).acquire()  # one writer per run folder
         rundir.load_checkpoint(run_dir)
     else:
-        run_dir = rundir.new_run_dir(cfg, overwrite=False, suffix="-flower")
+        run_dir, lock = rundir.new_run_dir(cfg, overwrite=False, suffix="-flower")
     print(
         f"fedft: {cfg.method.name} on a Flower federation of {cfg.federation.clients} clients -> {run_dir}",
         flush=True,
@@ -238,9 +238,11 @@ def _server_main(grid: FlowerGridApi, context: Context) -> None:
         summary["wire_bytes"] = flower_grid.wire_bytes
         rundir.write_summary(run_dir, summary)
     except FedftError as exc:
-        (run_dir / STOPPED_FILE).write_text(str(exc) + "\n")
+        (run_dir / rundir.STOPPED).write_text(str(exc) + "\n")
         print(f"fedft: error: {exc}", flush=True)
         raise
+    finally:
+        lock.release()
 
 
 class _PrintProgress:

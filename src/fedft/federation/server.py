@@ -7,9 +7,11 @@ mean through a server optimizer). Methods with other rounds subclass `Server`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from fedft.config import RunConfig
@@ -41,6 +43,19 @@ def mean_train_loss(replies: list[Reply]) -> float | None:
     weights = [float(r.payload.scalars["num_examples"]) for r in replies]
     losses = [float(r.payload.scalars["train_loss"]) for r in replies]
     return sum(x * w for x, w in zip(losses, weights, strict=True)) / sum(weights)
+
+
+def non_finite_parts(payload: Payload) -> list[str]:
+    """Names of a payload's tensors (and its training loss) that hold NaN or infinity."""
+    bad = [
+        name
+        for name, t in payload.tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    loss = payload.scalars.get("train_loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        bad.append("train_loss")
+    return bad
 
 
 class Server:
@@ -148,6 +163,16 @@ class Server:
         }
 
     def require_replies(self, replies: list[Reply], round_number: int) -> list[Reply]:
+        """The replies to use. A reply with non-finite tensors (or a non-finite training loss)
+        is that client's failure this round: recorded, left out of the aggregate."""
+        for reply in replies:
+            bad = non_finite_parts(reply.payload) if reply.ok and reply.payload else []
+            if bad:
+                reply.error = (
+                    f"non-finite values in {', '.join(bad[:3])} (the client diverged; lower "
+                    "train.lr)"
+                )
+                log.warning("round %d: a client's update is non-finite; left out", round_number)
         ok = [r for r in replies if r.ok]
         need = min(self.cfg.federation.min_replies, len(replies))  # Poisson rounds may be small
         if len(ok) < need:

@@ -121,6 +121,8 @@ def train_locally(
             batch = {k: v.to(device) for k, v in data.batch(index).items()}
             logits = model(batch)
             loss = F.cross_entropy(logits, batch["labels"])
+            if not bool(torch.isfinite(loss)):  # this client failed; the round goes on without it
+                raise FloatingPointError(f"non-finite training loss at local step {steps + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm is not None:

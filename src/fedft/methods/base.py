@@ -8,6 +8,7 @@ tensors and a weighted mean on the server. Method code never imports an engine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -22,6 +23,14 @@ from fedft.federation.server import FedAvgServer, Server
 from fedft.federation.training import evaluate, read_state, train_locally, write_state
 from fedft.models.backbone import TaskModel
 from fedft.privacy.dp_sgd import dp_scalars, train_privately
+
+
+def _floats(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
+    if isinstance(tree, dict):
+        return [x for k, v in tree.items() for x in _floats(v, f"{prefix}{k}.")]
+    if isinstance(tree, list | tuple):
+        return [x for i, v in enumerate(tree) for x in _floats(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), tree)] if isinstance(tree, float) else []
 
 
 class NoOptions(BaseModel):
@@ -43,7 +52,7 @@ class Method:
     @classmethod
     def validate_options(cls, raw: dict[str, Any]) -> dict[str, Any]:
         try:
-            return cls.options_model(**raw).model_dump()
+            options = cls.options_model(**raw).model_dump()
         except ValidationError as exc:
             problems = []
             allowed = ", ".join(cls.options_model.model_fields) or "none"
@@ -56,6 +65,10 @@ class Method:
                 else:
                     problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
             raise ConfigError("; ".join(problems)) from None
+        bad = [k for k, v in _floats(options) if not math.isfinite(v)]
+        if bad:
+            raise ConfigError(f"method.{bad[0]}: must be a finite number")
+        return options
 
     def check_run(self, cfg: RunConfig) -> None:
         """Refuse, before anything runs, a run config the method cannot serve. Default: any."""
