@@ -48,3 +48,36 @@ def assert_same_global_state(a: Path, b: Path) -> None:
     assert names and names == [n for n in tb if n.startswith("global.")]
     for name in names:
         assert torch.equal(ta[name], tb[name]), name
+
+
+class CrashAfter:
+    """A progress display that kills the run once round `n` is checkpointed, as a crash would."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def start(self, *args) -> None: ...
+    def client_done(self, reply) -> None: ...
+    def close(self) -> None: ...
+
+    def round_done(self, line: dict) -> None:
+        if line["round"] == self.n:
+            raise KeyboardInterrupt
+
+
+# the smallest real run through the CLI: tiny-bert, 120 demo rows, 3 clients, one step a round
+TINY_CLI = [
+    "--model",
+    "tiny-bert",
+    "--set",
+    "data.max_train_samples=120",
+    "--set",
+    "federation.clients=3",
+    "--set",
+    "federation.rounds=1",
+    "--set",
+    "train.max_steps=1",
+    "--set",
+    "model.max_length=16",
+    "--quiet",
+]

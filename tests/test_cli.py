@@ -8,21 +8,9 @@ import pytest
 
 from fedft.cli import main
 
-TINY = [
-    "--model",
-    "tiny-bert",
-    "--set",
-    "data.max_train_samples=120",
-    "--set",
-    "federation.clients=3",
-    "--set",
-    "federation.rounds=1",
-    "--set",
-    "train.max_steps=1",
-    "--set",
-    "model.max_length=16",
-    "--quiet",
-]
+from helpers import TINY_CLI
+
+TINY = TINY_CLI
 
 
 def run_cli(capsys, tmp_path: Path, *args: str) -> tuple[int, str, str]:

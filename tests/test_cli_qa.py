@@ -18,21 +18,9 @@ import torch
 from fedft.cli import build_parser, main
 from fedft.metrics import rundir
 
-TINY = [
-    "--model",
-    "tiny-bert",
-    "--set",
-    "data.max_train_samples=120",
-    "--set",
-    "federation.clients=3",
-    "--set",
-    "federation.rounds=2",
-    "--set",
-    "train.max_steps=1",
-    "--set",
-    "model.max_length=16",
-    "--quiet",
-]
+from helpers import TINY_CLI
+
+TINY = [*TINY_CLI, "--set", "federation.rounds=2"]
 
 
 def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]:

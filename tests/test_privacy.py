@@ -23,7 +23,7 @@ from fedft.privacy.client_level import noisy_mean_update, round_participants
 from fedft.privacy.dp_sgd import PrivateSteps
 from fedft.privacy.noise import SecretRandom, SeededRandom
 
-from helpers import assert_same_global_state, shared_dataset, tiny_config
+from helpers import CrashAfter, assert_same_global_state, shared_dataset, tiny_config
 
 CASES = [
     ("full", "tiny-bert", {}),
@@ -229,21 +229,6 @@ def test_client_level_epsilon_counts_every_round_at_the_client_rate(tmp_path: Pa
         assert set(line["epsilon_per_client"].values()) == {line["epsilon_max"]}
         assert "dp_clipped_fraction" not in line  # raw update norms are not privatized
     assert summary["privacy"]["mode"] == "client" and summary["privacy"]["epsilon_max"] <= 8.0
-
-
-class CrashAfter:
-    """A progress display that kills the run once round `n` is checkpointed, as a crash would."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def start(self, *args) -> None: ...
-    def client_done(self, reply) -> None: ...
-    def close(self) -> None: ...
-
-    def round_done(self, line: dict) -> None:
-        if line["round"] == self.n:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from fedft.privacy import plan_client, plan_population
 from fedft.privacy.dp_sgd import train_privately
 from fedft.privacy.noise import SecretRandom, SeededRandom, dp_random
 
-from helpers import tiny_config
+from helpers import CrashAfter, tiny_config
 
 # dp-accounting's RDP with Opacus's orders reproduces Opacus's RDP epsilon to this relative
 # tolerance (measured: within 0.05%); its PLD accountant is tighter than RDP (measured RDP/PLD
@@ -255,19 +255,6 @@ def test_zo_epsilon_agrees_with_dp_accounting(tmp_path: Path):
         segments = [(plan.noise_multiplier, plan.sample_rate, 3 * plan.steps_per_round)]
         reported = lines[-1]["epsilon_per_client"][str(client)]
         assert_agrees(reported, segments, task.cfg.privacy.delta)
-
-
-class CrashAfter:
-    def __init__(self, n: int):
-        self.n = n
-
-    def start(self, *args) -> None: ...
-    def client_done(self, reply) -> None: ...
-    def close(self) -> None: ...
-
-    def round_done(self, line: dict) -> None:
-        if line["round"] == self.n:
-            raise KeyboardInterrupt
 
 
 def test_a_resumed_run_spends_what_dp_accounting_counts_for_the_whole_run(tmp_path: Path):
