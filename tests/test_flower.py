@@ -77,7 +77,13 @@ def federation(tmp_path_factory):
     assert all(p.poll() is not None for p in fed.procs.values())
 
 
-DP_SAMPLE = {"privacy.mode": "sample", "privacy.epsilon": 8}
+# seeded noise, so that the federation can be compared with the local engine run for run (a
+# private run's noise is secret, and two runs never draw the same)
+DP_SAMPLE = {
+    "privacy.mode": "sample",
+    "privacy.epsilon": 8,
+    "privacy.reproducible_noise_not_private": True,
+}
 # two SuperNodes, one round: three exchanges (start, tail, head) with one chunk of two batches
 SPLIT = {"method.num_tokens": 3, "method.head_blocks": 0, "federation.rounds": 1}
 # round 1 ships the whole sub-model and collects neuron activity; round 2 ships re-aligned slices,
