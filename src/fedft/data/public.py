@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field
 from fedft.config import DataConfig
 from fedft.data.demo import demo_public_texts
 from fedft.data.encode import TensorData, encode
-from fedft.data.sources import TRAIN_STEMS, find_file, load_raw, looks_like_path, read_file
+from fedft.data.files import find_file, read_file
+from fedft.data.sources import TRAIN_STEMS, load_raw, looks_like_path
 from fedft.errors import ConfigError, DataError
 from fedft.models.backbone import Preprocess
 
