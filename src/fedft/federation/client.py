@@ -3,7 +3,9 @@ request to the method's handler for its kind.
 
 The runtime is engine-free: the local engine calls it in-process; the Flower adapter calls it from
 inside a ClientApp. Per-client state (whatever a method keeps between rounds) lives in
-`ClientContext.state`, which the engine keeps for the client.
+`ClientContext.state`, which the engine keeps for the client: tensors and scalars only (int,
+float, str, bool), so that it persists the same way in both engines (Flower's `context.state`,
+the local engine's checkpoint).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class ClientContext:
 
 
 Handler = Callable[[ClientContext, Payload], Payload]
+CLIENT = "client."  # checkpoint prefix of the clients' lasting state
+Scalar = int | float | str | bool
 
 
 class ClientRuntime:
@@ -98,3 +102,48 @@ class ClientRuntime:
             state=self.states.setdefault(message.client, {}),
         )
         return handler(ctx, message.payload)
+
+    # --- lasting state across a restart ---------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every client's lasting state, for the run's checkpoint: a process that dies loses its
+        clients' memory, and a resumed run must find them holding what they held.
+
+        A tensor that several states hold (one object: e.g. zo's shared synced copy, or fedpft's
+        sub-model, which is the process's model itself) is saved once, under the first holder's
+        `client.<id>.<key>`, and the others name it; loading gives them one object again. Meta:
+        `{client: {"scalars": {...}, "tensors": {key: checkpoint name}}}`."""
+        tensors: dict[str, torch.Tensor] = {}
+        saved: dict[int, str] = {}  # id(tensor) -> its checkpoint name
+        meta: dict[str, Any] = {}
+        for client in sorted(self.states):
+            state = self.states[client]
+            scalars: dict[str, Scalar] = {}
+            names: dict[str, str] = {}
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    if id(value) not in saved:
+                        saved[id(value)] = f"{CLIENT}{client}.{key}"
+                        tensors[saved[id(value)]] = value.detach().cpu()
+                    names[key] = saved[id(value)]
+                elif isinstance(value, Scalar | np.generic):
+                    scalars[key] = value.item() if isinstance(value, np.generic) else value
+                else:
+                    raise TypeError(
+                        f"method '{self.method.name}', client {client}: state '{key}' is a "
+                        f"{type(value).__name__}; a client's lasting state holds only tensors "
+                        "and scalars (int, float, str, bool)"
+                    )
+            meta[str(client)] = {"scalars": scalars, "tensors": names}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Put back what `state_dict` saved (tensors shared as they were), then let the method
+        relink what its process kept beside the states (`Method.client_states_loaded`)."""
+        self.states = {
+            int(client): {
+                **dict(entry["scalars"]),
+                **{key: tensors[name] for key, name in entry["tensors"].items()},
+            }
+            for client, entry in meta.items()
+        }
+        self.method.client_states_loaded(self.states, self.model)

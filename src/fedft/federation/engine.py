@@ -16,7 +16,7 @@ import torch
 from fedft.config import RunConfig
 from fedft.data import FederatedData, build_federated_data, load_raw
 from fedft.errors import BudgetSpent, ConfigError, RunStopped
-from fedft.federation.client import ClientRuntime
+from fedft.federation.client import CLIENT, ClientRuntime
 from fedft.federation.fingerprint import check_fingerprint, run_fingerprint
 from fedft.federation.grid import Grid, LocalGrid
 from fedft.federation.payload import Message, Reply
@@ -330,6 +330,42 @@ def refuse_non_finite(server: Server, round_number: int) -> None:
         )
 
 
+def checkpoint_state(
+    server: Server, runtime: ClientRuntime | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a round's checkpoint holds: the server's state and, on the local engine, what every
+    client keeps between rounds (a resumed run's clients must hold what they held, or they are
+    sent, and count, more than an unbroken run's)."""
+    tensors, server_meta = server.state_dict()
+    meta: dict[str, Any] = {"server": server_meta}
+    if runtime is not None:
+        client_tensors, meta["clients"] = runtime.state_dict()
+        clash = sorted(set(tensors) & set(client_tensors))
+        if clash:  # a server must not name its tensors as client states are named
+            raise RuntimeError(f"checkpoint names used by both server and clients: {clash[:3]}")
+        tensors.update(client_tensors)
+    return tensors, meta
+
+
+def restore_state(
+    server: Server,
+    runtime: ClientRuntime | None,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    """Put a checkpoint back. The clients' states come back only where they live in this
+    process and the checkpoint holds them; otherwise (a Flower federation, whose nodes keep
+    their own state but may have restarted unseen) the server forgets what clients held and
+    sends each one what a new client gets, which costs bytes an unbroken run would not spend."""
+    own = {k: v for k, v in tensors.items() if not k.startswith(CLIENT)}
+    server.load_state_dict(own, meta["server"])
+    if runtime is not None and "clients" in meta:
+        clients = {k: v for k, v in tensors.items() if k.startswith(CLIENT)}
+        runtime.load_state_dict(clients, meta["clients"])
+    else:
+        server.forget_client_state()
+
+
 def run_federation(
     task: Task,
     run_dir: Path,
@@ -346,6 +382,10 @@ def run_federation(
     cfg = task.cfg
     server = server or make_server(task)
     fingerprint = run_fingerprint(task)
+    runtime: ClientRuntime | None = None  # the clients, when they live in this process
+    if grid is None:
+        runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+        grid = LocalGrid(runtime, task.device, on_reply=progress.client_done if progress else None)
     first_round, history = 1, []
     if resume:
         tensors, meta = rundir.load_checkpoint(run_dir)
@@ -358,13 +398,10 @@ def run_federation(
             )
         rundir.clean_temporaries(run_dir)
         rundir.write_config(run_dir, cfg)  # the one change resume allows: more rounds
-        server.load_state_dict(tensors, meta["server"])
+        restore_state(server, runtime, tensors, meta)
         first_round = done + 1
         history = rundir.truncate_metrics(run_dir, done)
     totals = Totals.from_history(history)
-    if grid is None:
-        runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
-        grid = LocalGrid(runtime, task.device, on_reply=progress.client_done if progress else None)
     rounds = cfg.federation.rounds
     if progress:
         progress.start(rounds, first_round, clients_per_round(cfg.federation))
@@ -398,11 +435,9 @@ def run_federation(
             line = privacy_view(cfg.privacy, line)
             totals.history.append(line)
             rundir.append_metrics(run_dir, line)
-            tensors, server_meta = server.state_dict()
+            tensors, state_meta = checkpoint_state(server, runtime)
             rundir.save_checkpoint(
-                run_dir,
-                tensors,
-                {"round": round_number, "server": server_meta, "fingerprint": fingerprint},
+                run_dir, tensors, {"round": round_number, **state_meta, "fingerprint": fingerprint}
             )
             if progress:
                 progress.round_done(line)

@@ -105,6 +105,13 @@ class Server:
         if self.privacy is not None:
             self.privacy.load_state_dict(meta.get("privacy", {}))
 
+    def forget_client_state(self) -> None:
+        """On resume, when the clients' own lasting state did not come back with the server's:
+        on Flower the nodes keep theirs, but a server started anew cannot know whether a node
+        restarted since; a checkpoint may hold none. A server that sends a client less because
+        of what it holds (records since its version, slices of a sub-model) must then treat
+        every client as new. Default: the server assumes nothing about its clients."""
+
     # --- privacy budget: every server that trains on client data calls these two ----------------
     def admit(self, round_number: int, clients: list[int]) -> tuple[list[int], list[int]]:
         """Split the sampled clients into those whose budget allows this round and those spent."""

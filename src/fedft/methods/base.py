@@ -132,6 +132,12 @@ class Method:
             {}, {"num_examples": stats.num_examples, "loss": stats.loss, "accuracy": stats.accuracy}
         )
 
+    def client_states_loaded(self, states: dict[int, dict[str, Any]], model: TaskModel) -> None:
+        """The local engine put its clients' lasting states back from a checkpoint (a resumed
+        run, in a new process): relink whatever this process keeps beside them (a copy shared by
+        many states, tensors that are the model's own), so that the clients go on exactly as
+        they would have. Default: the states are all there is."""
+
     # --- server side ---------------------------------------------------------------------------
     def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
         return FedAvgServer(cfg, initial)

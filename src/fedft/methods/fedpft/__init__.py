@@ -16,7 +16,7 @@ no distillation, no re-alignment.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -160,6 +160,25 @@ class FedPft(Lora):
         ctx.state["submodel_version"] = int(payload.scalars["submodel_version"])
         rest = {k: v for k, v in payload.tensors.items() if not k.startswith((SUBMODEL, REALIGN))}
         return Payload(rest, payload.scalars)
+
+    def client_states_loaded(self, states: dict[int, dict[str, Any]], model: TaskModel) -> None:
+        """On the local engine every client's held copy is the model's own tensors: put the
+        checkpointed copy back into the model and let the states refer to it again (one copy,
+        as before the restart). A tensor held by clients that disagree stays in their states;
+        `receive_submodel` installs it when that client is next asked."""
+        params = dict(model.named_parameters())
+        held: dict[str, list[dict[str, Any]]] = {}
+        for state in states.values():
+            for key in (k for k in state if k.startswith(HELD)):
+                held.setdefault(key, []).append(state)
+        for key, holders in held.items():
+            value = holders[0][key]
+            if any(state[key] is not value for state in holders):
+                continue
+            param = params[key[len(HELD) :]]
+            param.data.copy_(value)
+            for state in holders:
+                state[key] = param
 
     def client_train(self, ctx: ClientContext, payload: Payload) -> Payload:
         reply = super().client_train(ctx, self.receive_submodel(ctx, payload))

@@ -202,17 +202,26 @@ class FedPftServer(FedAvgServer):
             tensors[f"sub.{name}"] = param.detach().cpu()
         for layer, versions in self.changed_at.items():
             tensors[f"changed_at.{layer}"] = versions
-        meta["fedpft"] = {"version": self.version, "reports": self.reports}
+        meta["fedpft"] = {
+            "version": self.version,
+            "reports": self.reports,
+            "client_versions": {str(c): v for c, v in self.client_versions.items()},
+        }
         return tensors, meta
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
-        """Clients' copies of the sub-model do not outlive the run that sent them, so after a
-        restart every client is sent the whole sub-model again."""
+        """The sub-model and which version each client holds: on the local engine the clients'
+        copies come back with the checkpoint, so no client is sent what it already holds."""
         super().load_state_dict(tensors, meta)
         write_state(self.sub, {k[4:]: v for k, v in tensors.items() if k.startswith("sub.")})
         self.changed_at = {f.layer: tensors[f"changed_at.{f.layer}"] for f in self.ffns}
-        self.version = int(meta["fedpft"]["version"])
-        self.reports = dict(meta["fedpft"]["reports"])
+        state = meta["fedpft"]
+        self.version = int(state["version"])
+        self.reports = dict(state["reports"])
+        self.client_versions = {int(c): int(v) for c, v in state.get("client_versions", {}).items()}
+
+    def forget_client_state(self) -> None:
+        """Clients whose copies did not come back are sent the whole sub-model again."""
         self.client_versions = {}
 
     def summary(self) -> dict[str, Any]:

@@ -136,6 +136,27 @@ class CountingCache:
             self.query_bytes += sent or (sum(len(t.encode()) for t in missing) + answer.numel() * 4)
         return torch.stack([self.cache[t] for t in texts])
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The answers and the counters, for a checkpoint: a resumed run must not ask the large
+        model again what it already answered (a served model costs per query), and its counts
+        go on from where they were. The texts travel as a UTF-8 JSON tensor, so the checkpoint's
+        checksum covers them with the logits they key."""
+        texts = list(self.cache)
+        encoded = torch.frombuffer(bytearray(json.dumps(texts).encode()), dtype=torch.uint8)
+        logits = (
+            torch.stack([self.cache[t] for t in texts])
+            if texts
+            else torch.zeros(0, len(self.space.names))
+        )
+        counts = {"queries": self.queries, "query_bytes": self.query_bytes}
+        return {"texts": encoded, "logits": logits}, counts
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, int]) -> None:
+        texts = json.loads(tensors["texts"].numpy().tobytes().decode())
+        self.cache = dict(zip(texts, tensors["logits"], strict=True))
+        self.queries = int(meta["queries"])
+        self.query_bytes = int(meta["query_bytes"])
+
 
 # --- serving a source over HTTP ------------------------------------------------------------------
 def serve_logits(

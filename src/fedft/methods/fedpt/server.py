@@ -39,6 +39,8 @@ from fedft.methods.fedpt.proxy import (
 )
 from fedft.models.backbone import TaskModel
 
+LARGE = "large_cache."  # checkpoint prefix of the large model's answers
+
 
 class FedPtServer(FedAvgServer):
     def __init__(
@@ -193,12 +195,21 @@ class FedPtServer(FedAvgServer):
         tensors, meta = super().state_dict()
         if self.clients_aggregate is not None:
             tensors.update({f"aggregate.{k}": v for k, v in self.clients_aggregate.items()})
-        meta["fedpt"] = {"reports": self.reports}
+        cache, counts = self.large.state_dict()
+        tensors.update({f"{LARGE}{k}": v for k, v in cache.items()})
+        meta["fedpt"] = {"reports": self.reports, "large": counts, "reported": list(self.reported)}
         return tensors, meta
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
+        """The global state, the clients' aggregate, and the large model's answers and counters
+        (a resumed run neither asks again nor counts from zero)."""
         super().load_state_dict(tensors, meta)
-        self.reports = list(meta.get("fedpt", {}).get("reports", []))
+        state = meta.get("fedpt", {})
+        self.reports = list(state.get("reports", []))
+        if "large" in state:
+            cache = {k[len(LARGE) :]: v for k, v in tensors.items() if k.startswith(LARGE)}
+            self.large.load_state_dict(cache, state["large"])
+            self.reported = (int(state["reported"][0]), int(state["reported"][1]))
         if all(f"aggregate.{k}" in tensors for k in self.global_state):
             self.clients_aggregate = {k: tensors[f"aggregate.{k}"] for k in self.global_state}
 

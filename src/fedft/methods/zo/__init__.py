@@ -314,6 +314,19 @@ class Zo(Method):
         if not any(state is ctx.state for state in shared.holders):
             shared.holders.append(ctx.state)
 
+    def client_states_loaded(self, states: dict[int, dict[str, Any]], model: TaskModel) -> None:
+        """The states that hold the synced tensors (one set of objects, loaded once) share the
+        process copy again, so that the clients past it replay onto it as they would have."""
+        self.shared_copy = None
+        first = SYNCED + self.trainable_names[0]
+        holders = [state for state in states.values() if first in state]
+        if not holders:
+            return
+        newest = max(holders, key=lambda state: int(state["version"]))
+        tensors = {name: newest[SYNCED + name] for name in self.trainable_names}
+        sharing = [state for state in holders if state[first] is newest[first]]
+        self.shared_copy = SyncedCopy(int(newest["version"]), tensors, sharing)
+
     # --- server side ---------------------------------------------------------------------------
     def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
         if self.options.mode == "delta":

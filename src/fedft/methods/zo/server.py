@@ -34,8 +34,8 @@ class SeedReplayServer(Server):
         super().__init__(cfg, initial)
         self.method = method
         self.records: list[RoundRecord] = []
-        # The version (number of records applied) each client holds. Not checkpointed: a restarted
-        # run cannot know what clients kept, so they start again from the pretrained weights.
+        # The version (number of records applied) each client holds. Checkpointed with the
+        # clients' own states on the local engine; forgotten where those did not come back.
         self.synced: dict[int, int] = {}
         self._checksum = checksum(self.ordered_params())
 
@@ -94,6 +94,7 @@ class SeedReplayServer(Server):
             tensors[f"record.{i}.seeds"] = record.seeds
             tensors[f"record.{i}.coefs"] = record.coefs
         meta["record_decays"] = [r.decay for r in self.records]
+        meta["synced"] = {str(c): v for c, v in self.synced.items()}
         return tensors, meta
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
@@ -102,5 +103,11 @@ class SeedReplayServer(Server):
             RoundRecord(tensors[f"record.{i}.seeds"], tensors[f"record.{i}.coefs"], decay)
             for i, decay in enumerate(meta.get("record_decays", []))
         ]
-        self.synced = {}
+        self.synced = {int(c): int(v) for c, v in meta.get("synced", {}).items()}
         self._checksum = checksum(self.ordered_params())
+
+    def forget_client_state(self) -> None:
+        """Clients whose state did not come back start again from the starting weights, which
+        every party holds (the records since version 0, or the whole state where that is fewer
+        bytes), never records from a version they may no longer hold."""
+        self.synced = {}
