@@ -209,6 +209,13 @@ def test_fewer_rounds_than_completed_are_refused_and_change_nothing(capsys, fini
     assert snapshot(finished) == before
 
 
+def edit_meta(path: Path) -> None:
+    """A valid edit of the meta (the round it claims) that leaves the file well-formed."""
+    data = path.read_bytes()
+    assert b'\\"round\\": 2' in data
+    path.write_bytes(data.replace(b'\\"round\\": 2', b'\\"round\\": 1'))
+
+
 def zero_bytes(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-64:] = bytes(64)
@@ -221,8 +228,9 @@ def zero_bytes(path: Path) -> None:
         (lambda p: p.write_bytes(p.read_bytes()[:100]), "is damaged"),
         (lambda p: p.write_bytes(b""), "is damaged"),
         (zero_bytes, "fail their checksum"),
+        (edit_meta, "fail their checksum"),
     ],
-    ids=["truncated", "empty", "zeroed"],
+    ids=["truncated", "empty", "zeroed", "meta-edited"],
 )
 def test_a_damaged_checkpoint_is_refused(capsys, finished: Path, damage, needle):
     damage(finished / rundir.CHECKPOINT)

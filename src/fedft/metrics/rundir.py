@@ -275,13 +275,19 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _checkpoint_digest(tensors: dict[str, torch.Tensor], meta_text: str) -> str:
+    """Covers the tensors and the meta (ledgers, client versions): a change to either is damage."""
+    return hashlib.sha256(f"{tensors_digest(tensors)}|{meta_text}".encode()).hexdigest()
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    text = json.dumps(meta)
     tmp = _tmp_name(path / CHECKPOINT)
     save_file(
         tensors,
         str(tmp),
-        metadata={"fedft": json.dumps(meta), "fedft_sha256": tensors_digest(tensors)},
+        metadata={"fedft": text, "fedft_sha256": _checkpoint_digest(tensors, text)},
     )
     with tmp.open("rb+") as fh:
         os.fsync(fh.fileno())
@@ -308,8 +314,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     expected = header.get("fedft_sha256")
     if expected is None:
         raise FedftError(f"{file} has no checksum (an older fedft wrote it); it cannot be resumed")
-    if tensors_digest(tensors) != expected:
-        raise FedftError(f"{damaged}: its tensors fail their checksum; it cannot be resumed")
+    if _checkpoint_digest(tensors, header["fedft"]) != expected:
+        raise FedftError(f"{damaged}: its contents fail their checksum; it cannot be resumed")
     return tensors, meta
 
 
