@@ -86,9 +86,8 @@ class FedPtServer(FedAvgServer):
     ) -> dict[str, Any]:
         metrics = {}
         if self.public is not None and self.options.distill_steps > 0:
-            self.clients_aggregate = dict(
-                self.global_state
-            )  # what is deployed, kept before distilling
+            # what is deployed, kept before distillation replaces it
+            self.clients_aggregate = dict(self.global_state)
             metrics.update(self.distil(round_number))
         return {**metrics, **self.query_costs("round")}
 
