@@ -16,6 +16,8 @@ from fedft.federation.engine import build_task, run_federation
 from fedft.federation.grid import LocalGrid
 from fedft.federation.training import parameters_by_name, read_state, write_state
 from fedft.methods.prompt import PromptOptions, PromptTuning
+from fedft.methods.sfprompt import client as sf_client
+from fedft.methods.sfprompt.client import SplitClient
 from fedft.methods.sfprompt.pruning import el2n_scores, keep_highest
 from fedft.methods.sfprompt.split import BodyRunner, Stop, blocks_prefix, strip_body
 from fedft.metrics import rundir
@@ -129,14 +131,19 @@ def test_split_protocol_gradients_equal_autograd_on_the_unsplit_model(tmp_path: 
     names = task.method.trainable_names
     initial = read_state(task.model, names)
     server = task.method.make_server(cfg, initial)
-    grid = LocalGrid(
-        ClientRuntime(task.method, task.model, task.data, cfg, task.device), task.device
-    )
+    runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+    plans = {}  # the split batches a client planned (its state is emptied when its round ends)
+
+    def keep_plan(reply) -> None:
+        if reply.kind == "sf_start":
+            plans[reply.client] = runtime.states[reply.client]["plan"].clone()
+
+    grid = LocalGrid(runtime, task.device, on_reply=keep_plan)
     outcome = server.run_round(1, grid, [0])
     kinds = [r.kind for r in outcome.replies]
     assert kinds == ["sf_start", "sf_tail", "sf_head"]  # one chunk of one batch
 
-    rows = grid.runtime.states[0]["plan"][0]
+    rows = plans[0][0]
     batch = task.data.train.batch(rows[rows >= 0].numpy())
     reference = load_task_model(
         cfg.model.name, task.data.num_labels, cfg.model.max_length, cfg.seed
@@ -202,3 +209,60 @@ def test_a_resumed_sfprompt_run_equals_an_unbroken_one(tmp_path: Path):
     resumed = run_federation(build_task(sf_config(tmp_path, **sets)), b, resume=True)
     assert resumed["final_loss"] == full["final_loss"]
     assert_same_global_state(a, b)
+
+
+@pytest.mark.parametrize("phase1_rows", ["kept", "all"])
+def test_phase_1_trains_on_the_rows_pruning_kept(tmp_path: Path, monkeypatch, phase1_rows: str):
+    kept, trained = [], []
+    prune = sf_client.keep_highest
+    monkeypatch.setattr(
+        sf_client, "keep_highest", lambda *args: kept.append(prune(*args)) or kept[-1]
+    )
+    local_loss_phase = SplitClient.local_loss_phase
+
+    def spying(self, rows):
+        batch = self.batch
+        self.batch = lambda index: trained.append(index) or batch(index)
+        try:
+            return local_loss_phase(self, rows)
+        finally:
+            del self.batch
+
+    monkeypatch.setattr(SplitClient, "local_loss_phase", spying)
+    cfg = sf_config(
+        tmp_path,
+        **{
+            "method.keep_fraction": 0.25,
+            "method.local_epochs": 1,
+            "method.phase1_rows": phase1_rows,
+            "train.max_steps": 50,  # phase 1 runs its whole epoch
+        },
+    )
+    task = build_task(cfg)
+    server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
+    runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+    server.run_round(1, LocalGrid(runtime, task.device), [1])
+    (pruned,) = kept
+    rows = task.data.clients[1].train
+    assert len(pruned) == math.ceil(0.25 * len(rows)) < len(rows)
+    expected = pruned if phase1_rows == "kept" else rows
+    assert sorted(np.concatenate(trained).tolist()) == sorted(expected.tolist())  # one epoch
+
+
+def test_a_client_holds_nothing_once_its_round_is_over(tmp_path: Path):
+    cfg = sf_config(tmp_path, **{"federation.clients": 3, "method.chunk_batches": 1})
+    task = build_task(cfg)
+    server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
+    runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+    during = {}
+
+    def after(reply) -> None:  # between a client's requests its state bridges them
+        state = runtime.states[reply.client]
+        if reply.kind == "sf_tail":
+            during[reply.client] = {k for k, v in state.items() if torch.is_tensor(v)}
+
+    for number in (1, 2):
+        outcome = server.run_round(number, LocalGrid(runtime, task.device, after), [0, 2])
+        assert all(r.ok for r in outcome.replies)
+        assert {c: runtime.states[c] for c in (0, 2)} == {0: {}, 2: {}}
+    assert any(k.startswith("optt.") for k in during[0])  # the tail's Adam moments, mid-round

@@ -3,14 +3,15 @@
 The model is cut in three. The client keeps the head (embeddings, the first `head_blocks` blocks
 and the soft prompts) and the tail (the last `tail_blocks` blocks and the classifier); the server
 keeps the frozen body and never sees inputs or labels. Each round a client prunes its rows to the
-`keep_fraction` with the highest EL2N, trains prompts and tail on a local loss that skips the body
-(phase 1), then trains them through the body on the pruned rows in split steps, `chunk_batches`
-batches per exchange (phase 2); the server averages prompts and tails (phase 3).
+`keep_fraction` with the highest EL2N and, on those rows, trains prompts and tail on a local loss
+that skips the body (phase 1), then through the body in split steps, `chunk_batches` batches per
+exchange (phase 2); the server averages prompts and tails (phase 3).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,10 +37,16 @@ class SfPromptOptions(BaseModel):
     head_blocks: int = Field(1, ge=0, description="blocks the client runs before the body")
     tail_blocks: int = Field(1, ge=0, description="blocks the client runs after the body")
     keep_fraction: float = Field(
-        0.5, gt=0, le=1, description="EL2N pruning: share of rows kept for split training (1: off)"
+        0.5,
+        gt=0,
+        le=1,
+        description="EL2N pruning: share of rows kept for phase 1 and split training (1: off)",
     )
     local_epochs: int = Field(
         1, ge=0, description="phase 1: epochs on the local loss that skips the body (0: off)"
+    )
+    phase1_rows: Literal["kept", "all"] = Field(
+        "kept", description="phase 1 trains on the rows pruning kept (as SFPrompt), or on all"
     )
     chunk_batches: int = Field(4, ge=1, description="split-training batches per exchange")
     prompt_lr: float = Field(1e-2, gt=0, description="learning rate of the prompts")
@@ -117,7 +124,10 @@ class SfPrompt(Method):
         client = self._client(ctx)
         client.load()
         reply = step(client, payload)
-        client.save()
+        if reply.scalars.get("done"):  # the round is over and nothing of it carries to the next
+            ctx.state.clear()
+        else:
+            client.save()
         return reply
 
     # --- server --------------------------------------------------------------------------------

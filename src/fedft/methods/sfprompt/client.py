@@ -4,13 +4,19 @@ A round is a chain of requests; the client keeps what it needs between them in i
 tensors and scalars, so that it also survives Flower's one-process-per-message):
 
 - `sf_start` (the global prompts and tail): score the local rows by EL2N and keep the top
-  fraction; phase 1 (train prompts and tail on tail(head(x)), body skipped); plan the split
-  batches in chunks; send the head's activations of chunk 0.
+  fraction; phase 1 (train prompts and tail on tail(head(x)), body skipped) on the kept rows, as
+  SFPrompt does (`phase1_rows: all` trains it on every row); plan the split batches in chunks;
+  send the head's activations of chunk 0.
 - `sf_tail` (the body's output for the chunk): per batch, the loss through the tail; step the tail;
   send the gradient of the loss with respect to the body's output.
 - `sf_head` (the gradient with respect to the head's output): per batch, backpropagate it into the
   prompts and step them; send the next chunk's activations, or, after the last, the trained
-  prompts and tail (phase 3 averages them).
+  prompts and tail (phase 3 averages them), and drop the whole state.
+
+Nothing is carried from one round to the next: the global prompts and tail come with `sf_start`,
+and the optimizers start afresh each round (their moments only bridge phase 1 and the split
+requests of the round). So once the last reply is built the state is emptied: an idle simulated
+client holds nothing, not a copy of the tail and two Adam moments of it.
 
 The head's activations of a chunk are recomputed in `sf_head` with the same prompts and dropout
 masks as when they were sent, so the gradients the server returns match them exactly; the prompt
@@ -127,7 +133,8 @@ class SplitClient:
         self.relay.mode = "skip"
         scores = el2n_scores(self.model, ctx.data.train, rows, cfg.train.batch_size * 4, ctx.device)
         kept = keep_highest(rows, scores, self.options.keep_fraction)
-        loss_sum, seen = self.local_loss_phase(rows)
+        phase1 = kept if self.options.phase1_rows == "kept" else rows
+        loss_sum, seen = self.local_loss_phase(phase1)
         sampler = torch.Generator().manual_seed(derived_seed(ctx.seed, 2))
         steps = local_steps(cfg.train, len(kept))
         batches = list(step_batches(kept, cfg.train.batch_size, steps, sampler, None))
