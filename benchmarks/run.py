@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import client_memory  # noqa: E402
 import demo_noniid  # noqa: E402
 import dp_sst2  # noqa: E402
 import engines  # noqa: E402
@@ -22,6 +23,7 @@ SECTIONS = {
     "demo": demo_noniid.run,
     "engines": engines.run,
     "zo-memory": zo_memory.run,
+    "client-memory": client_memory.run,
     "zo-sweep": zo_sst2.sweep,
     "zo": zo_sst2.run,
     "dp": dp_sst2.run,

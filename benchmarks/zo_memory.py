@@ -139,8 +139,8 @@ Machine: {machine()}.
 keeps: gradients, the optimizer's two moments and the activations saved for the backward pass;
 `zo` holds the model, one forward's activations and one 4 MB chunk of its random direction.
 Outside the step, a `seeds`-mode client also keeps the trainable weights it last synced (to replay
-missed records onto; in memory on the local engine, in `context.state` under Flower) and its
-starting weights (on disk).
+missed records onto; under Flower in the node's `context.state`, on the local engine one copy that
+all the process's clients share) and its starting weights (on disk).
 """
     write_section("zo-memory", body)
     return body
