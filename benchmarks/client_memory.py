@@ -126,49 +126,64 @@ def trainable_mb(key: str) -> float:
     return task.trainable_bytes / 1e6
 
 
+def render(results: dict[tuple[str, int], dict], trainable: dict[str, float]) -> str:
+    """The section from measured peaks (`results[key, clients]`) and each run's trainable MB."""
+    small_n, large_n = CLIENTS[0], CLIENTS[-1]
+    took_part = min(large_n, ROUNDS * PER_ROUND)  # clients of the large run that ever trained
+    rows = []
+    for key, label, _ in CONFIGS:
+        small, large = results[key, small_n]["peak_rss_mb"], results[key, large_n]["peak_rss_mb"]
+        was_small, was_large = BEFORE.get((key, small_n)), BEFORE.get((key, large_n))
+        if was_small is None or was_large is None:
+            was, per = "-", "-"
+        else:
+            was = f"{was_small:.0f} / {was_large:.0f}"
+            per = f"{(was_large - was_small) / (took_part - small_n):.1f}"
+        rows.append(
+            f"| {label} | {trainable[key]:.1f} | {small:.0f} | {large:.0f} | "
+            f"{large - small:+.0f} | {was} | {per} |"
+        )
+    table = "\n".join(rows)
+    return f"""## Memory of a simulated federation: {small_n} against {large_n} clients
+
+What a simulated client costs on the local engine, where one process holds the whole federation:
+the process's peak RSS (the kernel's high-water mark VmHWM over the whole run: server, model,
+data and every client's state) with {small_n} and with {large_n} clients. SST-2 rows, IID,
+{ROWS_PER_CLIENT} rows per client (a share held out as its local test), sequence length 32, one
+local step of batch 8 (`sfprompt`: one phase-1 step and one split step), {ROUNDS} rounds of
+{PER_ROUND} clients, 64 test rows, each method's default learning rate. So {took_part} clients
+of the {large_n}-client run take part, against {small_n}. `zo`: `seeds` mode, all weights.
+`sfprompt`: head = embeddings + 1 block + 20 prompts, tail = 1 block + pooler + classifier (the
+process also holds the server's whole model). Each run in a fresh process;
+`python benchmarks/run.py client-memory` (11 minutes of CPU time; 40 minutes on 2 cores shared
+with other jobs).
+
+Machine: {machine()}.
+
+| run | trainable MB per client | peak RSS, {small_n} clients (MB) | peak RSS, {large_n} clients (MB) | {large_n} - {small_n} (MB) | before: {small_n} / {large_n} clients (MB) | before: MB per client that took part |
+|---|---|---|---|---|---|---|
+{table}
+
+"Before" is this script, same settings and machine, at commit {BEFORE_COMMIT}: each `zo` client
+then kept its own copy of the weights it last synced (91 MB each on MiniLM), and each
+`sfprompt` client kept its tail and prompts and both Adam moments of them after its round (about
+three times the trainable MB). Now the clients of a process share one copy of the version they
+synced (a client past it keeps only its version number; the copy plus the records the server
+sends rebuild its target), and a `sfprompt` client's state is emptied when its round ends (nothing
+in it carries to the next round). The peak no longer grows with the number of clients: the
+{large_n} - {small_n} column is within the noise of the allocator (a few MB either way), though
+the larger run holds twenty times the rows.
+"""
+
+
 def run(out_dir: Path) -> str:
     if not (SHARED / "sst2").is_dir():
         raise SystemExit("benchmarks need ../shared/data/sst2 beside the project")
     results = {(k, n): measure_job(k, n, out_dir) for k, _, _ in CONFIGS for n in CLIENTS}
-    rows = []
-    for key, label, _ in CONFIGS:
-        small, large = results[key, CLIENTS[0]], results[key, CLIENTS[-1]]
-        before = [BEFORE.get((key, n)) for n in CLIENTS]
-        was = " / ".join(f"{b:.0f}" if b is not None else "-" for b in before)
-        rows.append(
-            f"| {label} | {trainable_mb(key):.1f} | {small['peak_rss_mb']:.0f} | "
-            f"{large['peak_rss_mb']:.0f} | {large['peak_rss_mb'] - small['peak_rss_mb']:+.0f} | "
-            f"{was} |"
-        )
-    table = "\n".join(rows)
-    body = f"""## Memory of a simulated federation: 10 against 200 clients
-
-What a simulated client costs on the local engine, one process for the whole federation: the
-process's peak RSS (kernel high-water mark VmHWM over its whole life: server, model, data and
-every client's state) of a run with {CLIENTS[0]} and with {CLIENTS[-1]} clients. SST-2 rows, IID,
-{ROWS_PER_CLIENT} rows per client (a share held out as the client's local test), sequence
-length 32, one local step of batch 8 (`sfprompt`: one step of phase 1 and one split step),
-{ROUNDS} rounds of {PER_ROUND} clients each (so the
-{CLIENTS[-1]}-client run has up to {ROUNDS * PER_ROUND} clients that took part, against
-{CLIENTS[0]}), 64 test rows, each method's default learning rate. `zo`: `seeds` mode, all
-weights. `sfprompt`: head = embeddings + 1 block + 20 prompts, tail = 1 block + pooler +
-classifier (the process also holds the server's whole model). Each run in a fresh process;
-`python benchmarks/run.py client-memory`.
-
-Machine: {machine()}.
-
-| run | trainable MB per client | peak RSS, {CLIENTS[0]} clients (MB) | peak RSS, {CLIENTS[-1]} clients (MB) | difference (MB) | before, {CLIENTS[0]} / {CLIENTS[-1]} clients (MB) |
-|---|---|---|---|---|---|
-{table}
-
-"Before" is the same script at commit {BEFORE_COMMIT}, where every `zo` client kept its own copy
-of the trainable weights it last synced, and every `sfprompt` client kept its tail, prompts and
-both Adam moments of them after its round. Now the clients of a process share one copy of the
-version they synced (a client past it keeps only its version number, and the newest records
-rebuild its target from that copy), and a `sfprompt` client's state is emptied when its round
-ends (nothing in it carries to the next round). What remains of the difference between the two
-columns is the data (twenty times the rows) and the per-client bookkeeping.
-"""
+    trainable = {key: trainable_mb(key) for key, _, _ in CONFIGS}
+    saved = {f"{k}-{n}": r for (k, n), r in results.items()}
+    (out_dir / "results.json").write_text(json.dumps({"runs": saved, "trainable_mb": trainable}))
+    body = render(results, trainable)
     write_section("client-memory", body)
     return body
 
