@@ -51,11 +51,11 @@ CONFIGS = [
 BEFORE_COMMIT = "4690042"
 BEFORE: dict[tuple[str, int], float] = {
     ("zo-tiny", 10): 687,
-    ("zo-tiny", 200): 770,
-    ("zo-minilm", 10): 1877,
-    ("zo-minilm", 200): 3680,
-    ("sfprompt-minilm", 10): 1405,
-    ("sfprompt-minilm", 200): 1851,
+    ("zo-tiny", 200): 766,
+    ("zo-minilm", 10): 1878,
+    ("zo-minilm", 200): 3686,
+    ("sfprompt-minilm", 10): 1378,
+    ("sfprompt-minilm", 200): 1884,
 }
 
 
@@ -155,8 +155,7 @@ local step of batch 8 (`sfprompt`: one phase-1 step and one split step), {ROUNDS
 of the {large_n}-client run take part, against {small_n}. `zo`: `seeds` mode, all weights.
 `sfprompt`: head = embeddings + 1 block + 20 prompts, tail = 1 block + pooler + classifier (the
 process also holds the server's whole model). Each run in a fresh process;
-`python benchmarks/run.py client-memory` (11 minutes of CPU time; 40 minutes on 2 cores shared
-with other jobs).
+`python benchmarks/run.py client-memory` (about 2 minutes on 2 CPU cores).
 
 Machine: {machine()}.
 
@@ -170,9 +169,9 @@ then kept its own copy of the weights it last synced (91 MB each on MiniLM), and
 three times the trainable MB). Now the clients of a process share one copy of the version they
 synced (a client past it keeps only its version number; the copy plus the records the server
 sends rebuild its target), and a `sfprompt` client's state is emptied when its round ends (nothing
-in it carries to the next round). The peak no longer grows with the number of clients: the
-{large_n} - {small_n} column is within the noise of the allocator (a few MB either way), though
-the larger run holds twenty times the rows.
+in it carries to the next round). The peak no longer grows with the number of clients, though
+the larger run holds twenty times the rows: the {large_n} - {small_n} column is the allocator's
+noise (a few tens of MB, either sign).
 """
 
 
