@@ -81,3 +81,51 @@ TINY_CLI = [
     "model.max_length=16",
     "--quiet",
 ]
+
+
+# --- generation (causal LM) ---------------------------------------------------------------------
+TOPICS = ("sports", "weather", "markets")
+
+
+def write_generation_data(folder: Path, train: int = 60, test: int = 12) -> Path:
+    """A small instruction dataset (instruction, input, output, topic) as train/test jsonl: the
+    headline is the article's first words, so a model can learn it."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
+    for name, count, offset in (("train", train, 0), ("test", test, 1000)):
+        with (folder / f"{name}.jsonl").open("w") as fh:
+            for i in range(count):
+                k = i + offset
+                article = " ".join(words[(k + j) % len(words)] for j in range(6 + k % 5))
+                row = {
+                    "instruction": "Write a headline for this news article.",
+                    "input": f"{TOPICS[k % 3]} news: {article}.",
+                    "output": " ".join(article.split()[:3]).title(),
+                    "topic": TOPICS[k % 3],
+                }
+                fh.write(json.dumps(row) + "\n")
+    return folder
+
+
+def tiny_llama_config(tmp_path: Path, method: str = "lora", **sets: object) -> RunConfig:
+    """A tiny-llama run on a small instruction set: short rows, few generations, no initial
+    evaluation unless asked."""
+    data = write_generation_data(tmp_path / "gen-data")
+    base: dict[str, object] = {
+        "data.source": str(data),
+        "data.label_column": "topic",
+        "model.max_length": 64,
+        "task.eval_generations": 4,
+        "task.client_eval_generations": 2,
+        "task.max_new_tokens": 6,
+        "federation.eval_initial": False,
+        "data.max_train_samples": None,
+        "data.max_test_samples": None,
+        "federation.clients": 3,
+        "train.batch_size": 8,
+        "train.max_steps": 2,
+    }
+    base.update(sets)
+    return tiny_config(tmp_path, method, "tiny-llama", **base)

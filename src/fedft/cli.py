@@ -1,4 +1,4 @@
-"""`fedft` command line: run, methods, config, report.
+"""`fedft` command line: run, methods, config, report, export, generate.
 
 Bad input (a `FedftError`) prints one line and exits with code 2; no traceback.
 """
@@ -46,6 +46,10 @@ class TqdmProgress:
         post = {"MB": f"{line['total_mb']:.1f}"}
         if line.get("test_accuracy") is not None:
             post["acc"] = f"{100 * line['test_accuracy']:.1f}%"
+        elif line.get("test_rouge_l") is not None:
+            post["rougeL"] = f"{100 * line['test_rouge_l']:.1f}"
+        elif line.get("test_perplexity") is not None:
+            post["ppl"] = f"{line['test_perplexity']:.2f}"
         if line["failed"]:
             post["failed"] = len(line["failed"])
         self.bar.set_postfix(post)
@@ -123,10 +127,12 @@ def _run(args: argparse.Namespace) -> int:
         server = make_server(task)  # and the server's own (a model or data only it loads)
         run_dir, lock = rundir.new_run_dir(cfg, args.overwrite)
 
+    classes = f", {task.data.num_labels} classes" if task.data.num_labels else ""
     print(
-        f"fedft: {cfg.method.name} on {cfg.model.name}, data {cfg.data.source} "
-        f"({len(task.data.train)} train / {len(task.data.test)} test rows, {task.data.num_labels} classes), "
-        f"{cfg.federation.clients} clients, {cfg.federation.rounds} rounds, device {task.device}; "
+        f"fedft: {cfg.method.name} on {cfg.model.name} ({task.model.task.describe()}), data "
+        f"{cfg.data.source} ({len(task.data.train)} train / {len(task.data.test)} test rows"
+        f"{classes}), {cfg.federation.clients} clients ({task.data.partition}), "
+        f"{cfg.federation.rounds} rounds, device {task.device}; "
         f"{task.trainable_params:,} trainable parameters -> {run_dir}",
         flush=True,
     )
@@ -141,8 +147,10 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         lock.release()
     print(format_summary(summary))
-    chance = 1 / task.data.num_labels
-    print(f"chance level: {100 * chance:.1f}%   run folder: {run_dir}")
+    if summary.get("headline") == "accuracy" and task.data.num_labels:
+        print(f"chance level: {100 / task.data.num_labels:.1f}%   run folder: {run_dir}")
+    else:
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -203,6 +211,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedft.export import export_run
+
+    out = Path(args.out)
+    kind = export_run(Path(args.run_dir), out, with_base=args.with_base)
+    print(
+        f"fedft: exported {args.run_dir} as {kind} to {out} (how to load it: {out / 'README.md'})"
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedft.export import generate_answers
+
+    for answer in generate_answers(Path(args.run_dir), args.prompt, args.max_new_tokens):
+        print(answer)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedft", description="Federated fine-tuning of pretrained models."
@@ -256,6 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print the summary table of a finished run")
     report.add_argument("run_dir", help="a run folder, e.g. runs/lora-demo")
     report.set_defaults(func=_report)
+    export = sub.add_parser(
+        "export",
+        help="write a run's tuned model as a folder plain Hugging Face code loads",
+        description="Write the tuned model of a run: a peft adapter (LoRA, causal-LM prompts), "
+        "the merged model (full, head, bias), or the model with a modeling file for modules no "
+        "library has (adapter). OUT/README.md says how to load it.",
+    )
+    export.add_argument("run_dir", help="a run folder, e.g. runs/lora-demo")
+    export.add_argument("out", help="a new folder to write")
+    export.add_argument(
+        "--with-base",
+        action="store_true",
+        help="also write the base model into OUT/base (default: only when no name loads it)",
+    )
+    export.set_defaults(func=_export)
+    generate = sub.add_parser(
+        "generate", help="print a generative run's answer to a prompt (greedy)"
+    )
+    generate.add_argument("run_dir", help="a run folder of a causal LM run")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts (the user's content)")
+    generate.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer")
+    generate.set_defaults(func=_generate)
     return parser
 
 

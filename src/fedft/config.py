@@ -7,6 +7,7 @@ method adds its options without touching this file.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +33,17 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = Field(
         "minilm",
-        description="'minilm' (bundled all-MiniLM-L6-v2), 'tiny-bert', 'tiny-vit', a local folder, or a hub name",
+        description=(
+            "'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled SmolLM2-135M-Instruct), "
+            "'tiny-bert', 'tiny-vit', 'tiny-llama' (tests), a local folder, a .gguf file, or a hub "
+            "name"
+        ),
     )
     max_length: int = Field(
-        48, ge=4, le=4096, description="tokens per text (longer is cut, shorter padded)"
+        48,
+        ge=4,
+        le=4096,
+        description="tokens per row (classification: the text; generation: prompt + response)",
     )
 
 
@@ -45,7 +53,10 @@ class DataConfig(Section):
         description="'demo' (built-in), a local csv/jsonl/parquet file or folder, or a hub dataset name",
     )
     text_column: str = Field("text", description="column holding the text")
-    label_column: str = Field("label", description="column holding the class label")
+    label_column: str = Field(
+        "label",
+        description="column holding the class label (generation: optional, a class to partition by)",
+    )
     test_file: str | None = Field(
         None,
         description="test split file; default: test.*/validation.* in the folder, else held out",
@@ -62,8 +73,10 @@ class DataConfig(Section):
     max_test_samples: int | None = Field(
         None, ge=1, description="seeded subset of the global test set (None: all)"
     )
-    partition: Literal["iid", "dirichlet", "pathological"] = Field(
-        "dirichlet", description="how training data is split across clients"
+    partition: Literal["auto", "iid", "dirichlet", "pathological"] = Field(
+        "auto",
+        description="how training data is split across clients (auto: dirichlet where the data "
+        "has classes, else iid)",
     )
     alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration (smaller: more skewed label mix)"
@@ -77,6 +90,60 @@ class DataConfig(Section):
     local_test_fraction: float = Field(
         0.1, ge=0, lt=1, description="fraction of each client's data kept for its local test"
     )
+
+
+class TaskConfig(Section):
+    kind: Literal["auto", "classify", "generate"] = Field(
+        "auto",
+        description=(
+            "'classify' (a classification head), 'generate' (a causal LM: supervised fine-tuning), "
+            "'auto': generate for a causal LM, else classify"
+        ),
+    )
+    prompt_column: str | None = Field(
+        None,
+        description="generation: the prompt column (None: 'instruction' plus input_column, else 'prompt')",
+    )
+    input_column: str = Field(
+        "input", description="generation: appended to the instruction when the row has it"
+    )
+    response_column: str | None = Field(
+        None,
+        description="generation: the response column (None: the first of output, response, "
+        "completion, answer)",
+    )
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="generation: the prompt frame; auto: the model's chat template where it has one",
+    )
+    system_prompt: str | None = Field(
+        None, description="generation: a system turn for the chat template (None: its default)"
+    )
+    label_prompt: str = Field(
+        "Classify the text as one of: {labels}.\n\nText: {text}",
+        description="classification data run as generation: the prompt ({text}, {labels})",
+    )
+    label_words: list[str] | None = Field(
+        None, description="the word answered for each class, in class order (None: class names)"
+    )
+    max_new_tokens: int = Field(32, ge=1, description="generation: tokens generated per answer")
+    eval_generations: int = Field(
+        64, ge=0, description="generation: test rows (fixed, seeded) answered for Rouge-L"
+    )
+    client_eval_generations: int = Field(
+        8, ge=0, description="generation: each client's local test rows answered for Rouge-L"
+    )
+
+    @field_validator("label_prompt")
+    @classmethod
+    def _has_text(cls, value: str) -> str:
+        if "{text}" not in value:
+            raise ValueError("must contain {text}, where the row's text goes")
+        try:
+            value.format(text="", labels="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{text}} and {{labels}} may be filled in ({exc})") from None
+        return value
 
 
 class FederationConfig(Section):
@@ -108,6 +175,10 @@ class FederationConfig(Section):
     eval_every: int = Field(
         1, ge=1, description="evaluate the global model every k rounds (and at the end)"
     )
+    eval_initial: bool | None = Field(
+        None,
+        description="score the untuned model before round 1 (None: for generation only)",
+    )
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = Field(
         "fedavg", description="how the server applies the mean update"
     )
@@ -134,6 +205,11 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="client weight decay")
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="clip the local gradient norm (None: off)"
+    )
+    group_by_length: bool = Field(
+        True,
+        description="generation: batches of rows of similar length (less padding); no effect on "
+        "classification or on DP's Poisson batches",
     )
 
 
@@ -203,6 +279,7 @@ class RunConfig(Section):
         "auto", description="'auto' uses CUDA when present"
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -335,6 +412,13 @@ def config_to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def _yaml_value(value: Any) -> str:
+    """A default as one line of YAML (a text with newlines stays one double-quoted line)."""
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def describe_fields() -> str:
     """Defaults as YAML with each field's help as a comment (`fedft config`)."""
     from fedft.methods import available_methods, get_method
@@ -358,21 +442,10 @@ def describe_fields() -> str:
                 for mname in available_methods():
                     opts = get_method(mname).options_model
                     for oname, ofield in opts.model_fields.items():
-                        val = (
-                            yaml.safe_dump(
-                                ofield.get_default(call_default_factory=True),
-                                default_flow_style=True,
-                            )
-                            .strip()
-                            .removesuffix("...")
-                            .strip()
-                        )
+                        val = _yaml_value(ofield.get_default(call_default_factory=True))
                         out.append(f"  {pad}# {oname}: {val}  # [{mname}] {ofield.description}")
                 continue
-            val = (
-                yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            )
-            out.append(f"{pad}{name}: {val}  # {field.description}")
+            out.append(f"{pad}{name}: {_yaml_value(default)}  # {field.description}")
 
     walk(RunConfig, 0)
     return "\n".join(out)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedft.config import RunConfig
-from fedft.data.encode import TensorData, encode, pixel_scale_of
+from fedft.data.encode import TensorData
 from fedft.data.partition import ClientSplit, local_splits, partition_rows
 from fedft.data.sources import RawData, load_raw
 from fedft.errors import DataError
-from fedft.models.backbone import Preprocess
+
+Encoder = Callable[[RawData], tuple[TensorData, TensorData]]
 
 
 @dataclass
@@ -21,36 +23,57 @@ class FederatedData:
     clients: list[ClientSplit]
     label_names: list[str]
     kind: str
+    partition: str = "dirichlet"  # the partition used (data without classes is split IID)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
 
-def check_fits(raw: RawData, pre: Preprocess, model_name: str) -> None:
-    if raw.kind != pre.kind:
+def check_fits(raw: RawData, input_kind: str, model_name: str) -> None:
+    if raw.kind != input_kind:
         raise DataError(
-            f"model '{model_name}' takes {pre.kind} input but the data {raw.origin} is {raw.kind}; pick a matching model"
+            f"model '{model_name}' takes {input_kind} input but the data {raw.origin} is {raw.kind}; pick a matching model"
         )
 
 
-def build_federated_data(cfg: RunConfig, raw: RawData, pre: Preprocess) -> FederatedData:
-    check_fits(raw, pre, cfg.model.name)
+def partition_of(cfg: RunConfig, raw: RawData) -> str:
+    """The partition to use. `auto` is Dirichlet where the data has classes; data without them
+    (generation rows without a class column) has no label mix to skew, so it is split IID, and a
+    label-skewed split of it is refused."""
+    if cfg.data.partition != "auto":
+        if raw.num_labels == 0 and cfg.data.partition != "iid":
+            raise DataError(
+                f"data.partition={cfg.data.partition} splits by class, but {raw.origin} has no "
+                f"class column '{cfg.data.label_column}'; set data.label_column (e.g. topic) or "
+                "data.partition=iid"
+            )
+        return cfg.data.partition
+    return "dirichlet" if raw.num_labels > 0 else "iid"
+
+
+def build_federated_data(cfg: RunConfig, raw: RawData, encoder: Encoder) -> FederatedData:
+    """Partition the training rows across clients and encode both splits with the task's
+    encoder."""
     labels = list(raw.train["label"])
-    parts = partition_rows(labels, cfg.data, cfg.federation.clients, raw.num_labels, cfg.seed)
+    partition = partition_of(cfg, raw)
+    data_cfg = cfg.data.model_copy(update={"partition": partition})
+    parts = partition_rows(labels, data_cfg, cfg.federation.clients, raw.num_labels, cfg.seed)
     clients = local_splits(parts, cfg.data.local_test_fraction, cfg.seed)
-    scale = pixel_scale_of(raw.train) if raw.kind == "image" else None
+    train, test = encoder(raw)
     return FederatedData(
-        train=encode(raw.train, pre, scale),
-        test=encode(raw.test, pre, scale),
+        train=train,
+        test=test,
         clients=clients,
         label_names=raw.label_names,
         kind=raw.kind,
+        partition=partition,
     )
 
 
 __all__ = [
     "ClientSplit",
+    "check_fits",
     "FederatedData",
     "RawData",
     "TensorData",

@@ -16,8 +16,15 @@ from fedft.models.backbone import Preprocess
 
 @dataclass
 class TensorData:
+    """Rows as tensors. `labels` are class ids (for generation without classes, zeros).
+    Generation rows are right-padded to `model.max_length`; with `trim`, a batch drops the
+    padding columns no row of it uses (exact for a causal LM), and `lengths` (real tokens per row)
+    lets batches group rows of similar length."""
+
     features: dict[str, torch.Tensor]
     labels: torch.Tensor
+    lengths: np.ndarray | None = None
+    trim: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -25,6 +32,9 @@ class TensorData:
     def batch(self, index: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(index, dtype=torch.long)
         out = {k: v[idx] for k, v in self.features.items()}
+        if self.trim and len(idx):
+            width = max(1, int(out["attention_mask"].sum(1).max()))
+            out = {k: v[:, :width] if v.dim() == 2 else v for k, v in out.items()}
         out["labels"] = self.labels[idx]
         return out
 

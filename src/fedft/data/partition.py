@@ -35,9 +35,12 @@ class ClientSplit:
 
 
 def _partitioner(cfg: DataConfig, clients: int, num_labels: int, seed: int) -> Partitioner:
-    if cfg.partition == "iid":
+    scheme = cfg.partition
+    if scheme == "auto":  # Dirichlet where there are classes to skew
+        scheme = "dirichlet" if num_labels > 0 else "iid"
+    if scheme == "iid":
         return IidPartitioner(num_partitions=clients)
-    if cfg.partition == "dirichlet":
+    if scheme == "dirichlet":
         return DirichletPartitioner(
             num_partitions=clients,
             partition_by="label",

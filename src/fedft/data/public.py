@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from fedft.config import DataConfig
+from fedft.config import DataConfig, TaskConfig
 from fedft.data.demo import demo_public_texts
 from fedft.data.encode import TensorData, encode
 from fedft.data.files import find_file, read_file
@@ -45,11 +45,14 @@ class PublicDataOptions(BaseModel):
         100, ge=1, description="further public rows only scored (the loss before and after)"
     )
 
-    def load_public(self, pre: Preprocess, clients: DataConfig, seed: int) -> PublicInputs:
-        """The public inputs, refused if they are (or share a row with) `clients`' training data."""
+    def load_public(
+        self, pre: Preprocess, clients: DataConfig, seed: int, task: TaskConfig | None = None
+    ) -> PublicInputs:
+        """The public inputs, refused if they are (or share a row with) `clients`' training data
+        (`task`: the clients' rows are generation rows)."""
         return load_public(
             self.public_data, self.public_text_column, self.public_rows, self.public_heldout,
-            pre, seed, clients,
+            pre, seed, clients, task,
         )  # fmt: skip
 
 
@@ -112,7 +115,11 @@ def _fingerprint(row: object) -> bytes:
 
 
 def check_not_clients_data(
-    source: str, public_rows: list[object], clients: DataConfig, seed: int
+    source: str,
+    public_rows: list[object],
+    clients: DataConfig,
+    seed: int,
+    task: TaskConfig | None = None,
 ) -> None:
     """Refuse public inputs that are the clients' training data: the same source, or any row
     in common with `clients`' whole training split (see the module's docstring for the rule)."""
@@ -128,9 +135,9 @@ def check_not_clients_data(
             f"training data; {change}"
         )  # fmt: skip
     full = clients.model_copy(update={"max_train_samples": None, "max_test_samples": None})
-    train = load_raw(full, seed).train
-    column = "text" if "text" in train.column_names else "pixels"
-    theirs = {_fingerprint(row) for row in train[column]}
+    train = load_raw(full, seed, task).train
+    columns = [c for c in ("text", "prompt", "response") if c in train.column_names] or ["pixels"]
+    theirs = {_fingerprint(row) for column in columns for row in train[column]}
     shared = sum(_fingerprint(row) in theirs for row in public_rows)
     if shared:
         what = "all" if shared == len(public_rows) else f"{shared:,}"
@@ -148,9 +155,10 @@ def load_public(
     pre: Preprocess,
     seed: int,
     clients: DataConfig,
+    task: TaskConfig | None = None,
 ) -> PublicInputs:
     """Up to `rows` + `heldout` inputs from `source`, in a seeded order; refused if they are the
-    clients' training data (`clients`)."""
+    clients' training data (`clients`; `task`: they are generation rows)."""
     if pre.kind == "text":
         texts = _texts(source, column)
         table = datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)})
@@ -162,7 +170,9 @@ def load_public(
                 "name an image source"
             )
         table = raw.train
-    check_not_clients_data(source, table["text" if pre.kind == "text" else "pixels"], clients, seed)
+    check_not_clients_data(
+        source, table["text" if pre.kind == "text" else "pixels"], clients, seed, task
+    )
     if len(table) < 2:
         raise DataError(
             f"method.public_data: {source} has {len(table)} rows; distillation needs more"

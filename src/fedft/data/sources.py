@@ -13,6 +13,16 @@ The rules checked here, each refused with a `DataError`:
   are numbers.
 - Rows: a held-out test split (no test file) needs enough rows that `data.test_fraction` of them
   (rounded up) is at least one and at least one stays for training.
+
+For a generation task (a causal LM) the columns say what the rows are (`RawData.generation`):
+
+- `sft`: a response column (`task.response_column`, else the first of output, response,
+  completion, answer) and a prompt: `task.prompt_column`, else `instruction` followed by
+  `task.input_column` when a row has one (the Alpaca/Dolly convention), else `prompt`. Every row
+  needs a response. The label column is optional here: when present it names a class per row
+  (checked as a classification label) that label-skewed partitions split by.
+- `labels`: a text and a label column, as for classification: the model answers the label's word.
+- `lm`: a text column alone: language modelling on the whole text.
 """
 
 from __future__ import annotations
@@ -25,12 +35,13 @@ from typing import Literal
 import datasets
 import numpy as np
 
-from fedft.config import DataConfig
+from fedft.config import DataConfig, TaskConfig
 from fedft.data.demo import LABEL_NAMES, demo_splits
 from fedft.data.files import DATA_SUFFIXES, Table, find_file, read_label_names, read_table
 from fedft.data.labels import check_labels, check_test_labels, class_ids
 from fedft.errors import DataError
 
+RESPONSE_COLUMNS = ("output", "response", "completion", "answer")
 TRAIN_STEMS = ("train",)
 TEST_STEMS = ("test", "validation", "valid", "dev")
 
@@ -44,25 +55,29 @@ class RawData:
     test: datasets.Dataset
     label_names: list[str]
     origin: str
+    generation: Literal["sft", "labels", "lm"] | None = None  # None: a classification task
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
 
-def load_raw(cfg: DataConfig, seed: int) -> RawData:
+def load_raw(cfg: DataConfig, seed: int, task: TaskConfig | None = None) -> RawData:
+    """The run's rows; `task` given: rows for a generation task (see the module's docstring)."""
     if cfg.source == "demo":
         raw = _demo()
+        if task is not None:
+            raw.generation = "labels"
     else:
         path = Path(cfg.source).expanduser()
         if path.exists():
-            raw = _local(path, cfg, seed)
+            raw = _local(path, cfg, seed, task)
         elif looks_like_path(cfg.source):
             raise DataError(
                 f"data path {cfg.source} does not exist; give a csv/jsonl/parquet file or a folder holding train.* (and test.*)"
             )
         else:
-            raw = _hub(cfg, seed)
+            raw = _hub(cfg, seed, task)
     return _subset(raw, cfg, seed)
 
 
@@ -81,7 +96,7 @@ def _demo() -> RawData:
     return RawData("text", to_ds(train), to_ds(test), list(LABEL_NAMES), "demo")
 
 
-def _local(path: Path, cfg: DataConfig, seed: int) -> RawData:
+def _local(path: Path, cfg: DataConfig, seed: int, task: TaskConfig | None) -> RawData:
     if path.is_dir():
         train_file = find_file(path, TRAIN_STEMS)
         if train_file is None:
@@ -97,10 +112,12 @@ def _local(path: Path, cfg: DataConfig, seed: int) -> RawData:
     names = read_label_names(labels_txt)
     train = read_table(train_file)
     test = read_table(test_file) if test_file is not None else None
+    if task is not None:
+        return _generation(train, test, cfg, task, names, origin=str(path), seed=seed)
     return _normalise(train, test, cfg, names, origin=str(path), seed=seed)
 
 
-def _hub(cfg: DataConfig, seed: int) -> RawData:
+def _hub(cfg: DataConfig, seed: int, task: TaskConfig | None) -> RawData:
     try:
         loaded = datasets.load_dataset(cfg.source)
     except Exception as exc:
@@ -122,7 +139,9 @@ def _hub(cfg: DataConfig, seed: int) -> RawData:
         used = [
             c
             for c in ds.column_names
-            if c in (cfg.label_column, cfg.text_column) or c.startswith("pixel")
+            if task is not None  # a generation task may read any column
+            or c in (cfg.label_column, cfg.text_column)
+            or c.startswith("pixel")
         ]
         return Table(
             f"hub dataset '{cfg.source}' {split} split",
@@ -131,6 +150,8 @@ def _hub(cfg: DataConfig, seed: int) -> RawData:
         )
 
     test = table(test_name) if test_name is not None else None
+    if task is not None:
+        return _generation(table("train"), test, cfg, task, names, origin=cfg.source, seed=seed)
     return _normalise(table("train"), test, cfg, names, origin=cfg.source, seed=seed)
 
 
@@ -240,4 +261,117 @@ def _subset(raw: RawData, cfg: DataConfig, seed: int) -> RawData:
         take(raw.test, cfg.max_test_samples),
         raw.label_names,
         raw.origin,
+        raw.generation,
+    )
+
+
+# --- generation rows -------------------------------------------------------------------------
+def _shown(table: Table) -> str:
+    return ", ".join(table.names[:8]) + (", ..." if len(table.names) > 8 else "")
+
+
+def generation_columns(
+    table: Table, cfg: DataConfig, task: TaskConfig
+) -> tuple[Literal["sft", "labels", "lm"], list[str], str | None]:
+    """What a table's rows are for generation: (kind, prompt columns, response column)."""
+    columns = table.columns
+    for wanted, what in ((task.response_column, "response"), (task.prompt_column, "prompt")):
+        if wanted is not None and wanted not in columns:
+            raise DataError(
+                f"{table.name}: no {what} column '{wanted}' (columns: {_shown(table)}); "
+                f"set task.{what}_column"
+            )
+    response = task.response_column or next((c for c in RESPONSE_COLUMNS if c in columns), None)
+    if response is not None:
+        if task.prompt_column is not None:
+            prompt = [task.prompt_column]
+        elif "instruction" in columns:
+            prompt = ["instruction"] + ([task.input_column] if task.input_column in columns else [])
+        elif "prompt" in columns:
+            prompt = ["prompt"]
+        else:
+            raise DataError(
+                f"{table.name}: a response column '{response}' but no prompt (columns: "
+                f"{_shown(table)}); name it instruction or prompt, or set task.prompt_column"
+            )
+        return "sft", prompt, response
+    if cfg.text_column in columns:
+        return ("labels" if cfg.label_column in columns else "lm"), [cfg.text_column], None
+    raise DataError(
+        f"{table.name}: nothing to generate from (columns: {_shown(table)}); give instruction/"
+        f"input/output or prompt/response columns, a text column with labels, or a text column "
+        "alone (set task.prompt_column, task.response_column or data.text_column)"
+    )
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _prompt_of(table: Table, row: int, columns: list[str]) -> str:
+    """The user's content of a row: its instruction, then its input (when it has one)."""
+    parts = [_text(table.columns[c][row]).strip() for c in columns]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _generation(
+    train: Table,
+    test: Table | None,
+    cfg: DataConfig,
+    task: TaskConfig,
+    label_names: list[str] | None,
+    origin: str,
+    seed: int,
+) -> RawData:
+    """Rows for a causal LM. Classification rows (text + label) keep the classification checks;
+    prompt/response rows need a response in every row and may carry a class column."""
+    kind, prompts, response = generation_columns(train, cfg, task)
+    if kind == "labels":
+        raw = _normalise(train, test, cfg, label_names, origin=origin, seed=seed)
+        raw.generation = "labels"
+        return raw
+    if test is not None and generation_columns(test, cfg, task)[0] != kind:
+        raise DataError(f"{origin}: the train and test files hold different columns")
+    classes = kind == "sft" and cfg.label_column in train.columns
+    if classes:
+        label_kind = check_labels(train, cfg.label_column, label_names)
+    if test is None:
+        train, test = _split(train, cfg.test_fraction, seed)
+    elif classes:
+        if cfg.label_column not in test.columns:
+            raise DataError(
+                f"{test.name}: no class column '{cfg.label_column}' as in the train file"
+            )
+        check_test_labels(test, train, cfg.label_column, label_names, label_kind)
+    if classes:
+        train_ids, test_ids, vocab = class_ids(
+            train, test, cfg.label_column, label_names, label_kind, origin
+        )
+    else:
+        train_ids, test_ids, vocab = [0] * len(train), [0] * len(test), []
+
+    def rebuild(table: Table, ids: list[int]) -> datasets.Dataset:
+        if kind == "lm":
+            texts = [_text(t) for t in table.columns[cfg.text_column]]
+            return datasets.Dataset.from_dict({"text": texts, "label": ids})
+        assert response is not None
+        answers = []
+        for i, value in enumerate(table.columns[response]):
+            if value is None or not str(value).strip():
+                raise DataError(
+                    f"{table.where(i)} has no response (column '{response}' is empty there); "
+                    "every row needs the answer to learn"
+                )
+            answers.append(str(value).strip())
+        rows = range(len(table))
+        return datasets.Dataset.from_dict(
+            {
+                "prompt": [_prompt_of(table, i, prompts) for i in rows],
+                "response": answers,
+                "label": ids,
+            }
+        )
+
+    return RawData(
+        "text", rebuild(train, train_ids), rebuild(test, test_ids), list(vocab), origin, kind
     )

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from fedft.config import RunConfig
-from fedft.data import FederatedData, build_federated_data, load_raw
+from fedft.data import FederatedData, build_federated_data, check_fits, load_raw
 from fedft.errors import BudgetSpent, ConfigError, RunStopped
 from fedft.federation.client import CLIENT, ClientRuntime
 from fedft.federation.fingerprint import check_fingerprint, run_fingerprint
@@ -25,11 +25,12 @@ from fedft.federation.server import Server
 from fedft.federation.training import evaluate, read_state
 from fedft.methods import Method, get_method
 from fedft.metrics import rundir
-from fedft.metrics.plots import plot_accuracy
-from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+from fedft.metrics.plots import plot_metric
+from fedft.models.backbone import TaskModel, load_task_model, resolve_device, resolve_task_kind
 from fedft.privacy import check_budgets
 from fedft.privacy.client_level import WITHHELD, privacy_view, round_participants
 from fedft.privacy.noise import NOT_PRIVATE
+from fedft.tasks import make_generate
 
 MB = 1_000_000
 log = logging.getLogger("fedft")
@@ -57,10 +58,16 @@ class Task:
 
 
 def build_task(cfg: RunConfig) -> Task:
-    raw = load_raw(cfg.data, cfg.seed)
-    model = load_task_model(cfg.model.name, raw.num_labels, cfg.model.max_length, cfg.seed)
+    generate = resolve_task_kind(cfg.model.name, cfg.task.kind) == "generate"
+    raw = load_raw(cfg.data, cfg.seed, cfg.task if generate else None)
+    model = load_task_model(
+        cfg.model.name, raw.num_labels, cfg.model.max_length, cfg.seed, causal=generate
+    )
     model.label_names = list(raw.label_names)
-    data = build_federated_data(cfg, raw, model.preprocess)
+    check_fits(raw, model.preprocess.kind, cfg.model.name)
+    if generate:
+        model.task = make_generate(cfg, raw, model.preprocess.tokenizer)
+    data = build_federated_data(cfg, raw, model.task.encode_splits)
     method = get_method(cfg.method.name)(cfg.method_options())
     method.check_run(cfg)
     check_privacy(cfg, method, data)
@@ -149,6 +156,7 @@ def round_line(
     outcome_metrics: dict[str, Any],
     totals: Totals,
     trainable_params: int,
+    headline: str = "accuracy",
 ) -> dict[str, Any]:
     exchanges = len(replies)
     replies = merge_by_client(replies)
@@ -171,7 +179,7 @@ def round_line(
         "exchanges": exchanges,
         **outcome_metrics,
         "test_loss": None,
-        "test_accuracy": None,
+        f"test_{headline}": None,
         "bytes_down": sum(r.cost.bytes_down for r in replies),
         "bytes_up": sum(r.cost.bytes_up for r in replies),
         "bytes_down_per_client": _mean([r.cost.bytes_down for r in ok]),
@@ -201,11 +209,27 @@ def round_line(
 
 
 def evaluate_global(task: Task, server: Server) -> dict[str, float]:
+    """Each model the server scores, on the global test split: `<prefix>_<metric>` for every
+    metric of the task (classify: loss, accuracy; generate: loss, perplexity, Rouge-L or
+    label-word accuracy)."""
     out = {}
     for prefix, model in server.evaluation_models(task.model).items():
         stats = evaluate(model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
-        out.update({f"{prefix}_loss": stats.loss, f"{prefix}_accuracy": stats.accuracy})
+        out.update({f"{prefix}_{key}": value for key, value in stats.metrics.items()})
     return {**out, **server.evaluation_costs()}
+
+
+def wants_initial_eval(task: Task) -> bool:
+    flag = task.cfg.federation.eval_initial
+    return task.model.generative if flag is None else flag
+
+
+def evaluate_initial(task: Task, server: Server) -> dict[str, Any]:
+    """The untuned model's scores (the starting state), before any round: what tuning is
+    measured against."""
+    started = time.perf_counter()
+    scores = evaluate_global(task, server)
+    return {**scores, "seconds": time.perf_counter() - started}
 
 
 def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) -> dict[str, Any]:
@@ -227,18 +251,21 @@ def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) 
     ok = [r for r in replies if r.ok]
     if not ok:
         return {}
-    accs = [float(r.payload.scalars["accuracy"]) for r in ok]
     weights = [float(r.payload.scalars["num_examples"]) for r in ok]
-    return {
-        "clients": len(ok),
-        "weighted_accuracy": sum(a * w for a, w in zip(accs, weights, strict=True)) / sum(weights),
-        "min_accuracy": min(accs),
-        "max_accuracy": max(accs),
-        "bytes": sum(
-            r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_up + r.cost.scalar_bytes_down
-            for r in replies
-        ),
-    }
+    out: dict[str, Any] = {"clients": len(ok)}
+    metrics = [k for k in ok[0].payload.scalars if k not in ("num_examples", "generated")]
+    for key in metrics:
+        values = [float(r.payload.scalars[key]) for r in ok]
+        out[f"weighted_{key}"] = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(
+            weights
+        )
+        out[f"min_{key}"] = min(values)
+        out[f"max_{key}"] = max(values)
+    out["bytes"] = sum(
+        r.cost.bytes_down + r.cost.bytes_up + r.cost.scalar_bytes_up + r.cost.scalar_bytes_down
+        for r in replies
+    )
+    return out
 
 
 def privacy_summary(task: Task, history: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -266,11 +293,18 @@ def privacy_summary(task: Task, history: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def make_summary(
-    task: Task, run_dir: Path, totals: Totals, client_eval: dict[str, Any]
+    task: Task,
+    run_dir: Path,
+    totals: Totals,
+    client_eval: dict[str, Any],
+    initial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     history = totals.history
-    evals = [m for m in history if m.get("test_accuracy") is not None]
-    best = max(evals, key=lambda m: m["test_accuracy"]) if evals else None
+    objective = task.model.task
+    key = f"test_{objective.headline}"
+    evals = [m for m in history if m.get(key) is not None]
+    pick = max if objective.higher_is_better else min
+    best = pick(evals, key=lambda m: m[key]) if evals else None
     final = evals[-1] if evals else None
     return {
         "name": run_dir.name,
@@ -279,10 +313,13 @@ def make_summary(
         "data": task.cfg.data.source,
         "device": str(task.device),
         "clients": task.cfg.federation.clients,
+        "task": objective.describe(),
+        "headline": objective.headline,
         "rounds_completed": history[-1]["round"] if history else 0,
-        "final_accuracy": final["test_accuracy"] if final else None,
+        "final_accuracy": final.get("test_accuracy") if final else None,
         "final_loss": final["test_loss"] if final else None,
-        "best_accuracy": best["test_accuracy"] if best else None,
+        "best_accuracy": best.get("test_accuracy") if best else None,
+        f"best_{objective.headline}": best[key] if best else None,
         "best_round": best["round"] if best else None,
         "trainable_params": task.trainable_params,
         "trainable_bytes": task.trainable_bytes,
@@ -304,12 +341,15 @@ def make_summary(
         "stopped": totals.stopped,
         "privacy": privacy_summary(task, history),
         "client_eval": client_eval,
-        # other models the server scores beside the main one (e.g. `submodel_test_accuracy`)
+        "initial": initial,
+        # every figure of the last evaluation (`final_perplexity`, `final_rouge_l`, ...), and of
+        # the other models the server scores beside the main one (`submodel_final_accuracy`)
         **{
-            key.replace("_test_", "_final_"): value
-            for key, value in (final or {}).items()
-            if key.endswith("_test_accuracy")
+            name.replace("_test_", "_final_") if "_test_" in name else "final_" + name[5:]: value
+            for name, value in (final or {}).items()
+            if "_test_" in name or name.startswith("test_")
         },
+        **({"data_cut": dict(cut)} if (cut := getattr(objective, "cut", None)) else {}),
     }
 
 
@@ -387,6 +427,7 @@ def run_federation(
         runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
         grid = LocalGrid(runtime, task.device, on_reply=progress.client_done if progress else None)
     first_round, history = 1, []
+    initial: dict[str, Any] | None = None
     if resume:
         tensors, meta = rundir.load_checkpoint(run_dir)
         check_fingerprint(meta.get("fingerprint"), fingerprint, run_dir)
@@ -401,6 +442,9 @@ def run_federation(
         restore_state(server, runtime, tensors, meta)
         first_round = done + 1
         history = rundir.truncate_metrics(run_dir, done)
+        initial = meta.get("initial")
+    elif wants_initial_eval(task):
+        initial = evaluate_initial(task, server)
     totals = Totals.from_history(history)
     rounds = cfg.federation.rounds
     if progress:
@@ -418,7 +462,12 @@ def run_federation(
             refuse_non_finite(server, round_number)
             round_seconds = time.perf_counter() - started
             line = round_line(
-                round_number, outcome.replies, outcome.metrics, totals, task.trainable_params
+                round_number,
+                outcome.replies,
+                outcome.metrics,
+                totals,
+                task.trainable_params,
+                task.model.task.headline,
             )
             line["server_seconds"] = max(
                 0.0, round_seconds - sum(r.cost.seconds for r in outcome.replies)
@@ -436,8 +485,11 @@ def run_federation(
             totals.history.append(line)
             rundir.append_metrics(run_dir, line)
             tensors, state_meta = checkpoint_state(server, runtime)
+            extra = {"initial": initial} if initial is not None else {}
             rundir.save_checkpoint(
-                run_dir, tensors, {"round": round_number, **state_meta, "fingerprint": fingerprint}
+                run_dir,
+                tensors,
+                {"round": round_number, **state_meta, **extra, "fingerprint": fingerprint},
             )
             if progress:
                 progress.round_done(line)
@@ -445,8 +497,17 @@ def run_federation(
     finally:
         if progress:
             progress.close()
-    summary = {**make_summary(task, run_dir, totals, client_eval), **server.summary()}
+    summary = {**make_summary(task, run_dir, totals, client_eval, initial), **server.summary()}
     rundir.write_summary(run_dir, summary)
     title = f"{cfg.method.name} on {cfg.data.source} ({cfg.federation.clients} clients)"
-    plot_accuracy(totals.history, run_dir / rundir.PLOT, title, chance=1 / task.data.num_labels)
+    objective = task.model.task
+    baseline = None
+    if initial is not None and initial.get(f"test_{objective.headline}") is not None:
+        baseline = ("untuned", initial[f"test_{objective.headline}"])
+    elif objective.headline == "accuracy" and task.data.num_labels:
+        baseline = ("chance", 1 / task.data.num_labels)
+    plot_metric(
+        totals.history, run_dir / rundir.plot_name(objective.headline), title,
+        objective.headline, baseline,
+    )  # fmt: skip
     return summary

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedft.config import TrainConfig
 from fedft.data.encode import TensorData
+from fedft.tasks import Classify, Task
 
 
 def derived_seed(*parts: int) -> int:
@@ -41,14 +41,37 @@ def write_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         params[name].copy_(value)
 
 
-def batches(indices: np.ndarray, batch_size: int, generator: torch.Generator, shuffle: bool = True):
+GROUP = 50  # batches per length-sorted group (as transformers' Trainer groups by length)
+
+
+def batches(
+    indices: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator,
+    shuffle: bool = True,
+    lengths: np.ndarray | None = None,
+):
+    """Batches of `indices` in a shuffled order. With `lengths` (each data row's length), rows are
+    shuffled, cut into groups of `GROUP` batches, each group sorted by length before it is cut
+    into batches, and the batches shuffled: every row once per epoch, with little padding."""
     order = (
         torch.randperm(len(indices), generator=generator).numpy()
         if shuffle
         else np.arange(len(indices))
     )
-    for start in range(0, len(indices), batch_size):
-        yield indices[order[start : start + batch_size]]
+    if lengths is None:
+        for start in range(0, len(indices), batch_size):
+            yield indices[order[start : start + batch_size]]
+        return
+    shuffled = indices[order]
+    grouped = []
+    span = batch_size * GROUP
+    for start in range(0, len(shuffled), span):
+        group = shuffled[start : start + span]
+        group = group[np.argsort(-lengths[group], kind="stable")]
+        grouped += [group[s : s + batch_size] for s in range(0, len(group), batch_size)]
+    for i in torch.randperm(len(grouped), generator=generator).tolist():
+        yield grouped[i]
 
 
 def step_batches(
@@ -57,8 +80,10 @@ def step_batches(
     steps: int,
     generator: torch.Generator,
     poisson_rate: float | None,
+    lengths: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
-    """`steps` batches: shuffled epochs, or (for DP) Poisson samples with the accountant's rate."""
+    """`steps` batches: shuffled epochs (grouped by length when `lengths` are given), or (for DP)
+    Poisson samples with the accountant's rate."""
     if poisson_rate is not None:
         for _ in range(steps):
             mask = torch.rand(len(rows), generator=generator) < poisson_rate
@@ -66,11 +91,16 @@ def step_batches(
         return
     taken = 0
     while taken < steps:
-        for index in batches(rows, batch_size, generator):
+        for index in batches(rows, batch_size, generator, lengths=lengths):
             yield index
             taken += 1
             if taken >= steps:
                 return
+
+
+def row_lengths(data: TensorData, cfg: TrainConfig) -> np.ndarray | None:
+    """The lengths to group batches by: generation rows, when `train.group_by_length` is on."""
+    return data.lengths if cfg.group_by_length else None
 
 
 @dataclass
@@ -95,6 +125,11 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def task_of(model: nn.Module) -> Task:
+    """A model's task (a bare module that returns class logits is a classifier)."""
+    return getattr(model, "task", None) or Classify()
+
+
 def train_locally(
     model: nn.Module,
     names: list[str],
@@ -105,7 +140,8 @@ def train_locally(
     seed: int,
     device: torch.device,
 ) -> TrainStats:
-    """Epochs (or `max_steps`) of minibatch cross-entropy on the client's rows, updating `names`."""
+    """Epochs (or `max_steps`) of minibatch steps on the task's loss over the client's rows,
+    updating `names`."""
     if len(indices) == 0:
         raise ValueError("client has no training rows")
     params = list(parameters_by_name(model, names).values())
@@ -113,14 +149,15 @@ def train_locally(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
+    task = task_of(model)
+    lengths = row_lengths(data, cfg)
     steps, total_loss, seen = 0, 0.0, 0
     target = cfg.max_steps
     epoch = 0
     while True:
-        for index in batches(indices, cfg.batch_size, generator):
+        for index in batches(indices, cfg.batch_size, generator, lengths=lengths):
             batch = {k: v.to(device) for k, v in data.batch(index).items()}
-            logits = model(batch)
-            loss = F.cross_entropy(logits, batch["labels"])
+            loss = task.loss(model(batch), batch)
             if not bool(torch.isfinite(loss)):  # this client failed; the round goes on without it
                 raise FloatingPointError(f"non-finite training loss at local step {steps + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -140,29 +177,30 @@ def train_locally(
 
 @dataclass
 class EvalStats:
+    """A model's scores on some rows: `metrics` holds the task's (classify: loss and accuracy;
+    generate: loss, perplexity, and Rouge-L or label-word accuracy)."""
+
     num_examples: int
-    loss: float
-    accuracy: float
+    metrics: dict[str, float]
+
+    @property
+    def loss(self) -> float:
+        return self.metrics.get("loss", float("nan"))
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics.get("accuracy", float("nan"))
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     data: TensorData,
     indices: np.ndarray | None,
     batch_size: int,
     device: torch.device,
+    generations: int | None = None,
 ) -> EvalStats:
-    rows = np.arange(len(data)) if indices is None else indices
-    if len(rows) == 0:
-        return EvalStats(0, float("nan"), float("nan"))
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(rows[start : start + batch_size]).items()}
-        logits = model(batch)
-        total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    model.train(was_training)
-    return EvalStats(len(rows), total_loss / len(rows), correct / len(rows))
+    """Score `model` on rows of `data` (None: all) the way its task scores."""
+    metrics = dict(task_of(model).evaluate(model, data, indices, batch_size, device, generations))
+    count = int(metrics.pop("num_examples"))
+    return EvalStats(count, metrics)

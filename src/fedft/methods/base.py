@@ -126,11 +126,14 @@ class Method:
     def client_evaluate(self, ctx: ClientContext, payload: Payload) -> Payload:
         write_state(ctx.model, payload.tensors)
         stats = evaluate(
-            ctx.model, ctx.data.train, ctx.test_rows, ctx.cfg.train.batch_size * 4, ctx.device
+            ctx.model,
+            ctx.data.train,
+            ctx.test_rows,
+            ctx.cfg.train.batch_size * 4,
+            ctx.device,
+            generations=ctx.cfg.task.client_eval_generations,
         )
-        return Payload(
-            {}, {"num_examples": stats.num_examples, "loss": stats.loss, "accuracy": stats.accuracy}
-        )
+        return Payload({}, {"num_examples": stats.num_examples, **stats.metrics})
 
     def client_states_loaded(self, states: dict[int, dict[str, Any]], model: TaskModel) -> None:
         """The local engine put its clients' lasting states back from a checkpoint (a resumed

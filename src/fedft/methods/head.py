@@ -1,4 +1,6 @@
-"""`head`: only the task head (classifier, and the pooler that feeds it) trains: linear probing."""
+"""`head`: only the task head (classifier, and the pooler that feeds it) trains: linear probing.
+On a causal LM, its LM head, where that is not tied to the input embeddings (refused where it is,
+as in SmolLM2 and most small Llama-family models)."""
 
 from fedft.methods import register
 from fedft.methods.base import Method
@@ -12,4 +14,4 @@ class HeadOnly(Method):
     default_lr = 5e-3
 
     def select_trainable(self, model: TaskModel) -> list[str]:
-        return model.head_parameter_names()
+        return model.output_head_names()

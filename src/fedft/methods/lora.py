@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -19,8 +21,10 @@ class LoraOptions(BaseModel):
     r: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | None = Field(
-        None, description="module names to adapt (None: the model's query/value projections)"
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="module names to adapt (None: the model's query/value projections; "
+        "'all-linear': every linear layer but the output head)",
     )
 
     @classmethod
@@ -37,6 +41,10 @@ def _leaf_names(net: nn.Module) -> set[str]:
     }
 
 
+def _module_names(net: nn.Module) -> set[str]:
+    return {name.split(".")[-1] for name, _ in net.named_modules()}
+
+
 @register
 class Lora(Method):
     name = "lora"
@@ -49,13 +57,15 @@ class Lora(Method):
 
         leaves = _leaf_names(model.net)
         targets = self.options.target_modules
-        if targets is None:
+        if targets == "all-linear":
+            pass  # peft finds them (and leaves the output layer alone)
+        elif targets is None:
             targets = next((list(t) for t in DEFAULT_TARGETS if set(t) <= leaves), None)
             if targets is None:
                 raise ModelError(
                     f"method 'lora': no query/value projections found in {model.source}; set method.target_modules"
                 )
-        missing = [t for t in targets if t not in leaves]
+        missing = [t for t in targets if t not in leaves] if targets != "all-linear" else []
         if missing:
             raise ModelError(
                 f"method 'lora': {model.source} has no linear modules named {missing}; its linear layers are {sorted(leaves)[:12]}"
@@ -65,7 +75,8 @@ class Lora(Method):
             lora_alpha=self.options.alpha,
             lora_dropout=self.options.dropout,
             target_modules=targets,
-            exclude_modules=list(HEAD_MODULE_NAMES),
+            # the task head trains whole; a causal LM has none (peft keeps its LM head out)
+            exclude_modules=[n for n in HEAD_MODULE_NAMES if n in _module_names(model.net)] or None,
         )
         inject_adapter_in_model(config, model.net)
 

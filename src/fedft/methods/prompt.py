@@ -1,8 +1,10 @@
 """`prompt`: learned prompt tokens plus the head; the backbone stays frozen.
 
 Text (prompt tuning, Lester et al. 2021): n soft tokens go in right after the first token
-([CLS]), so the classifier still reads [CLS]; the attention mask grows to match. They start as
-embeddings of randomly drawn vocabulary tokens.
+([CLS]), so the classifier still reads [CLS]; the attention mask grows to match. A causal LM
+gets them before the input embeddings instead (as Lester et al. and peft's prompt tuning do), so
+every token, the prompt's and the response's, can attend to them. They start as embeddings of
+randomly drawn vocabulary tokens.
 ViT (visual prompt tuning, Jia et al. 2022): n tokens after [CLS] at the embedding output
 (shallow), or fresh tokens at the input of every block (deep).
 
@@ -32,20 +34,22 @@ class PromptOptions(BaseModel):
 
 
 class PromptTokens(nn.Module):
-    """n learned tokens put right after a sequence's first token, or, with `replace`, in place of
-    the n tokens that follow it (VPT-deep's fresh prompts at a later block)."""
+    """n learned tokens put right after a sequence's first token (`after` = 1), before it (0), or,
+    with `replace`, in place of the n tokens that follow the first (VPT-deep's fresh prompts at a
+    later block)."""
 
-    def __init__(self, num_tokens: int, dim: int, replace: bool = False):
+    def __init__(self, num_tokens: int, dim: int, replace: bool = False, after: int = 1):
         super().__init__()
         self.tokens = nn.Parameter(torch.empty(num_tokens, dim))
         self.replace = replace
+        self.after = after
         nn.init.normal_(self.tokens, std=0.02)
 
     def forward(self, sequence: torch.Tensor) -> torch.Tensor:
-        n = self.tokens.shape[0]
-        rest = sequence[:, 1 + n :] if self.replace else sequence[:, 1:]
+        n, a = self.tokens.shape[0], self.after
+        rest = sequence[:, a + n :] if self.replace else sequence[:, a:]
         tokens = self.tokens.unsqueeze(0).expand(sequence.shape[0], -1, -1).to(sequence.dtype)
-        return torch.cat([sequence[:, :1], tokens, rest], dim=1)
+        return torch.cat([sequence[:, :a], tokens, rest], dim=1)
 
 
 @register_grad_sampler(PromptTokens)
@@ -54,8 +58,8 @@ def prompt_grad_sample(
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-example gradients for Opacus (DP-SGD): the tokens are the same in every example, so an
     example's gradient is the gradient that reached its copy of them."""
-    n = layer.tokens.shape[0]
-    return {layer.tokens: backprops[:, 1 : 1 + n].to(layer.tokens.dtype)}
+    n, a = layer.tokens.shape[0], layer.after
+    return {layer.tokens: backprops[:, a : a + n].to(layer.tokens.dtype)}
 
 
 @register
@@ -84,7 +88,8 @@ class PromptTuning(Method):
                 f"the {limit} positions of {model.source}; lower one of them"
             )
         embeddings = model.input_embeddings()
-        prompt = PromptTokens(n, model.hidden_size())
+        after = 0 if model.generative else 1  # a causal LM: before every token
+        prompt = PromptTokens(n, model.hidden_size(), after=after)
         with torch.no_grad():
             picks = torch.randint(1000, embeddings.weight.shape[0], (n,))
             prompt.tokens.copy_(embeddings.weight[picks])
@@ -95,7 +100,7 @@ class PromptTuning(Method):
             mask = inputs["attention_mask"]
             inputs["inputs_embeds"] = prompt(embeddings(ids))
             ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
-            inputs["attention_mask"] = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+            inputs["attention_mask"] = torch.cat([mask[:, :after], ones, mask[:, after:]], dim=1)
             return inputs
 
         model.input_hooks.append(add_prompt)

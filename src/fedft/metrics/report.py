@@ -16,13 +16,50 @@ def _bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+NAMES = {"accuracy": "accuracy", "rouge_l": "Rouge-L", "perplexity": "perplexity"}
+
+
+def _metric(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if name in ("perplexity", "loss") else _pct(value)
+
+
+def headline_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run's headline metric (accuracy, Rouge-L or perplexity): final, best, and the untuned
+    model's where it was scored; for generation also the response loss and perplexity."""
+    metric = summary.get("headline", "accuracy")
+    name = NAMES.get(metric, metric)
+    rows = [
+        (f"final {name}", _metric(metric, summary.get(f"final_{metric}"))),
+        (
+            f"best {name}",
+            f"{_metric(metric, summary.get(f'best_{metric}'))} (round {summary['best_round']})",
+        ),
+    ]
+    initial = summary.get("initial") or {}
+    if initial.get(f"test_{metric}") is not None:
+        rows.append((f"untuned model's {name}", _metric(metric, initial[f"test_{metric}"])))
+    if metric != "accuracy" and summary.get("final_accuracy") is not None:
+        rows.append(("final accuracy (label words)", _pct(summary["final_accuracy"])))
+    if summary.get("final_perplexity") is not None and metric != "perplexity":
+        before = initial.get("test_perplexity")
+        rows.append(
+            (
+                "test loss, perplexity",
+                f"{summary['final_loss']:.3f}, {summary['final_perplexity']:.2f}"
+                + (f" (untuned {before:.2f})" if before is not None else ""),
+            )
+        )
+    return rows
+
+
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("run", summary["name"]),
         ("method / model / data", f"{summary['method']} / {summary['model']} / {summary['data']}"),
         ("rounds completed", str(summary["rounds_completed"])),
-        ("final accuracy", _pct(summary["final_accuracy"])),
-        ("best accuracy", f"{_pct(summary['best_accuracy'])} (round {summary['best_round']})"),
+        *headline_rows(summary),
         ("trainable parameters", f"{summary['trainable_params']:,}"),
         ("uplink per client per round", _bytes(summary["bytes_up_per_client_per_round"])),
         ("downlink per client per round", _bytes(summary["bytes_down_per_client_per_round"])),
@@ -62,11 +99,13 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if summary.get("client_peak_cuda_mb"):
         rows.append(("client peak CUDA memory", f"{summary['client_peak_cuda_mb']:.0f} MB"))
     ce = summary.get("client_eval") or {}
-    if ce:
+    metric = summary.get("headline", "accuracy")
+    if f"weighted_{metric}" in ce:
+        worst = ce[f"min_{metric}"] if metric != "perplexity" else ce[f"max_{metric}"]
         rows.append(
             (
-                "clients' local test accuracy",
-                f"{_pct(ce['weighted_accuracy'])} (worst client {_pct(ce['min_accuracy'])})",
+                f"clients' local test {NAMES.get(metric, metric)}",
+                f"{_metric(metric, ce[f'weighted_{metric}'])} (worst client {_metric(metric, worst)})",
             )
         )
     privacy = summary.get("privacy")

@@ -35,10 +35,16 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
 PLOT = "accuracy.png"
+PLOTS = (PLOT, "rouge_l.png", "perplexity.png")  # one per headline metric
 STOPPED = "stopped.txt"
 MARKER = ".fedft-run"
 LOCK = ".lock"
-RUN_FILES = {CONFIG, METRICS, SUMMARY, CHECKPOINT, PLOT, STOPPED, MARKER, LOCK}
+RUN_FILES = {CONFIG, METRICS, SUMMARY, CHECKPOINT, *PLOTS, STOPPED, MARKER, LOCK}
+
+
+def plot_name(headline: str) -> str:
+    """The plot of a run's headline metric against rounds and megabytes."""
+    return f"{headline}.png"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,7 +1,8 @@
-"""Load a pretrained backbone for classification and wrap it in a `TaskModel`.
+"""Load a pretrained backbone (a classifier, or a causal LM) and wrap it in a `TaskModel`.
 
 One `TaskModel` lives in each process; methods add their trainable parts to it and every client
-of the process shares it, so a client costs its trainable tensors, not a model.
+of the process shares it, so a client costs its trainable tensors, not a model. What the model
+returns for a batch, and how that is scored, is its task's (`fedft.tasks`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from fedft.errors import ModelError
+from fedft.tasks import Classify, Task
 
 Kind = Literal["text", "image"]
 InputHook = Callable[[dict[str, Any]], dict[str, Any]]
@@ -45,10 +47,17 @@ class Preprocess:
 
 
 class TaskModel(nn.Module):
-    """A Hugging Face classifier plus whatever a method attaches; `forward(batch) -> logits`."""
+    """A Hugging Face model plus whatever a method attaches; `forward(batch)` gives what its task
+    scores (logits over labels, or next-token logits)."""
 
     def __init__(
-        self, net: nn.Module, kind: Kind, num_labels: int, preprocess: Preprocess, source: str
+        self,
+        net: nn.Module,
+        kind: Kind,
+        num_labels: int,
+        preprocess: Preprocess,
+        source: str,
+        task: Task | None = None,
     ):
         super().__init__()
         self.net = net
@@ -56,10 +65,15 @@ class TaskModel(nn.Module):
         self.num_labels = num_labels
         self.preprocess = preprocess
         self.source = source
+        self.task: Task = task or Classify(preprocess)
         self.input_hooks: list[InputHook] = []
         self.label_names = [str(i) for i in range(num_labels)]  # the task's, once it is known
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    @property
+    def generative(self) -> bool:
+        return self.task.name == "generate"
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         if self.kind == "text":
             inputs: dict[str, Any] = {
                 "input_ids": batch["input_ids"],
@@ -69,15 +83,62 @@ class TaskModel(nn.Module):
             inputs = {"pixel_values": batch["pixel_values"]}
         for hook in self.input_hooks:
             inputs = hook(inputs)
-        return self.net(**inputs).logits
+        return inputs
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.task.logits(self.net, self.model_inputs(batch), batch)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        stop_ids: list[int],
+        pad_id: int,
+    ) -> torch.Tensor:
+        """Greedy continuations of left-padded prompts (a causal LM), with whatever the method
+        attached (soft prompts come in through the input hooks); only the new tokens."""
+        inputs = self.model_inputs({"input_ids": input_ids, "attention_mask": attention_mask})
+        out = self.net.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+        )
+        if "input_ids" in inputs:  # given ids, generate returns the prompt too
+            out = out[:, inputs["input_ids"].shape[1] :]
+        return out
 
     def head_parameter_names(self) -> list[str]:
+        """The task head every method trains: a classifier for the user's labels. A causal LM
+        needs none (its LM head already speaks the vocabulary)."""
+        if self.generative:
+            return []
         names = []
         for name, _ in self.named_parameters():
             parts = name.split(".")
             if any(p in HEAD_MODULE_NAMES for p in parts[:-1]):
                 names.append(name)
         return names
+
+    def output_head_names(self) -> list[str]:
+        """What `head` trains: the classifier, or a causal LM's own LM head. An LM head tied to
+        the input embeddings is refused: training it is training the embeddings too."""
+        if not self.generative:
+            return self.head_parameter_names()
+        head = self.net.get_output_embeddings()
+        if head is None:
+            raise ModelError(f"model {self.source} has no LM head to train")
+        if head.weight is self.net.get_input_embeddings().weight:
+            raise ModelError(
+                f"method 'head': the LM head of {self.source} is tied to its input embeddings "
+                f"({head.weight.numel():,} parameters, one matrix), so it cannot train alone; "
+                "use lora, prompt, adapter or full"
+            )
+        ids = {id(p) for p in head.parameters()}
+        return [n for n, p in self.named_parameters() if id(p) in ids]
 
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order (BERT-style `encoder.layer`, ViT `layers`, ...)."""
@@ -108,7 +169,7 @@ class Skip(nn.Module):
         return hidden_states
 
 
-BUILTIN_MODELS = ("minilm", "tiny-bert", "tiny-vit")
+BUILTIN_MODELS = ("minilm", "tiny-bert", "tiny-vit", "smollm2", "tiny-llama")
 # Tiny random models for tests. At the usual init scale (0.02) a 2-layer random encoder maps every
 # input to nearly the same [CLS] vector, so nothing but LoRA could fit a batch; at 0.3 the features
 # differ across inputs, as a pretrained model's do.
@@ -161,6 +222,19 @@ def _tiny_vit(num_labels: int) -> tuple[nn.Module, Preprocess]:
     return ViTForImageClassification(config), Preprocess("image", image_size=8, channels=1)
 
 
+def _tiny_llama_classifier(num_labels: int, max_length: int) -> tuple[nn.Module, Preprocess]:
+    from transformers import LlamaForSequenceClassification
+
+    from fedft.models.causal import tiny_llama
+
+    lm, tokenizer = tiny_llama(max_length)
+    config = lm.config
+    config.num_labels = num_labels
+    return LlamaForSequenceClassification(config), Preprocess(
+        "text", tokenizer=tokenizer, max_length=max_length
+    )
+
+
 def _pretrained(name: str, num_labels: int, max_length: int) -> tuple[nn.Module, Preprocess]:
     from transformers import (
         AutoConfig,
@@ -205,20 +279,56 @@ def _pretrained(name: str, num_labels: int, max_length: int) -> tuple[nn.Module,
     return net, Preprocess("text", tokenizer=tokenizer, max_length=max_length)
 
 
-def load_task_model(name: str, num_labels: int | None, max_length: int, seed: int) -> TaskModel:
+def load_task_model(
+    name: str,
+    num_labels: int | None,
+    max_length: int,
+    seed: int,
+    task: Task | None = None,
+    causal: bool = False,
+) -> TaskModel:
     """The backbone with a fresh classifier for `num_labels` (None: the checkpoint's own
-    classifier; tiny models then have 2 labels); the classifier's init follows `seed`."""
+    classifier; tiny models then have 2 labels); the classifier's init follows `seed`. With
+    `causal` or a generation `task`, the causal LM itself (its own LM head); its task is set by
+    the caller when not given (it needs the model's tokenizer)."""
     _quiet_transformers()
     torch.manual_seed(seed)
+    if causal or (task is not None and task.name == "generate"):
+        from fedft.models.causal import load_causal_lm
+
+        lm, tokenizer = load_causal_lm(name, max_length)
+        lm.train()
+        pre = Preprocess("text", tokenizer=tokenizer, max_length=max_length)
+        return TaskModel(lm, "text", num_labels or 0, pre, source=name, task=task)
     if name == "tiny-bert":
         net, pre = _tiny_bert(num_labels or 2, max_length)
     elif name == "tiny-vit":
         net, pre = _tiny_vit(num_labels or 2)
+    elif name == "tiny-llama":  # a causal LM's sequence-classification head (task.kind=classify)
+        net, pre = _tiny_llama_classifier(num_labels or 2, max_length)
     else:
-        path = minilm_path() if name == "minilm" else name
+        from fedft.models.causal import smollm2_path
+
+        path = {"minilm": minilm_path, "smollm2": smollm2_path}.get(name, lambda: name)()
         net, pre = _pretrained(path, num_labels, max_length)
     net.train()
-    return TaskModel(net, pre.kind, int(net.config.num_labels), pre, source=name)
+    return TaskModel(net, pre.kind, int(net.config.num_labels), pre, source=name, task=task)
+
+
+def resolve_task_kind(model_name: str, kind: str) -> str:
+    """`task.kind` with 'auto' resolved: generation for a causal LM, classification otherwise;
+    generation asked of a model that is not a causal LM is refused."""
+    from fedft.models.causal import is_causal_lm
+
+    causal = is_causal_lm(model_name)
+    if kind == "auto":
+        return "generate" if causal else "classify"
+    if kind == "generate" and not causal:
+        raise ModelError(
+            f"task.kind=generate needs a causal language model; '{model_name}' is not one (use "
+            "smollm2, tiny-llama, a .gguf file, or a folder or hub name of a *ForCausalLM)"
+        )
+    return kind
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -227,3 +337,13 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
+
+
+def load_like(model: TaskModel, cfg: Any) -> TaskModel:
+    """A fresh copy of the run's backbone, with the same task and labels as `model` (for servers
+    that hold a model of their own: a full model behind a split or a sub-model)."""
+    copy = load_task_model(
+        cfg.model.name, model.num_labels, cfg.model.max_length, cfg.seed, task=model.task
+    )
+    copy.label_names = list(model.label_names)
+    return copy

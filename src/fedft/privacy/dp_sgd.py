@@ -22,7 +22,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -30,7 +29,7 @@ from torch import nn
 
 from fedft.config import RunConfig
 from fedft.data.encode import TensorData
-from fedft.federation.training import TrainStats, make_optimizer, parameters_by_name
+from fedft.federation.training import TrainStats, make_optimizer, parameters_by_name, task_of
 from fedft.privacy.accounting import MechanismPlan, plan_client
 from fedft.privacy.noise import RandomSource, dp_random, poisson_batches
 
@@ -131,7 +130,7 @@ class PrivateSteps:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         else:
             self.shared.batch_size = len(batch["labels"])
-            loss = F.cross_entropy(self.wrapped(batch), batch["labels"])
+            loss = task_of(self.model).loss(self.wrapped(batch), batch)
             with warnings.catch_warnings():  # Opacus's hooks on a frozen-input module: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()

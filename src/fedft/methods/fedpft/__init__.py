@@ -40,7 +40,7 @@ from fedft.methods.fedpft.submodel import (
     write_slices,
 )
 from fedft.methods.lora import Lora, LoraOptions
-from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+from fedft.models.backbone import TaskModel, load_like, resolve_device
 
 HELD = "held."  # client state: the sub-model tensors this client was sent
 
@@ -90,7 +90,7 @@ class FedPft(Lora):
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)
         self.ffns: list[Ffn] = []
-        self.num_labels = 0
+        self.client_model: TaskModel | None = None  # what the server's full model copies
 
     def check_run(self, cfg: RunConfig) -> None:
         o = self.options
@@ -123,7 +123,7 @@ class FedPft(Lora):
 
     def attach(self, model: TaskModel) -> None:
         Lora(LoraOptions.part_of(self.options)).attach(model)
-        self.num_labels = model.num_labels
+        self.client_model = model
         self.ffns = self.compress(model)
 
     # --- client -------------------------------------------------------------------------------
@@ -200,7 +200,8 @@ class FedPft(Lora):
     def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
         """The full model (with LoRA, so the learned LoRA plugs in) and a sub-model made from it
         the same way the clients' is; the public inputs if distillation is on."""
-        full = load_task_model(cfg.model.name, self.num_labels, cfg.model.max_length, cfg.seed)
+        assert self.client_model is not None, "prepare() the model first"
+        full = load_like(self.client_model, cfg)
         Lora(LoraOptions.part_of(self.options)).attach(full)
         sub = copy.deepcopy(full)
         ffns = self.compress(sub)
@@ -212,5 +213,6 @@ class FedPft(Lora):
         o = self.options
         public = None
         if ffns and (o.distill_steps or o.realign_every):
-            public = o.load_public(full.preprocess, cfg.data, cfg.seed)
+            generation = cfg.task if full.generative else None
+            public = o.load_public(full.preprocess, cfg.data, cfg.seed, generation)
         return FedPftServer(cfg, initial, full, sub, ffns, public, o, device)

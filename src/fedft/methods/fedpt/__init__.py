@@ -91,6 +91,12 @@ class FedPt(Lora):
     def attach(self, model: TaskModel) -> None:
         if model.kind != "text":
             raise ModelError("method 'fedpt' serves text models (the large model answers text)")
+        if model.generative:
+            raise ModelError(
+                "method 'fedpt': federated rounds proxy-tune classification; a causal LM is "
+                "proxy-tuned for generation with fedft.methods.fedpt.proxy.proxy_generate "
+                "(give task.kind=classify to tune a causal LM's classification head instead)"
+            )
         self.label_names = list(model.label_names)
         self.small_model(model)
 

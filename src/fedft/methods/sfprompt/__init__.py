@@ -26,7 +26,7 @@ from fedft.methods.base import Method
 from fedft.methods.prompt import PromptOptions, PromptTuning
 from fedft.methods.sfprompt.client import SplitClient
 from fedft.methods.sfprompt.split import Relay, blocks_prefix, check_cut, strip_body
-from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+from fedft.models.backbone import TaskModel, load_like, resolve_device
 
 
 class SfPromptOptions(BaseModel):
@@ -68,7 +68,7 @@ class SfPrompt(Method):
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)
         self.relay: Relay | None = None
-        self.num_labels = 0
+        self.client_model: TaskModel | None = None  # what the server's full model copies
         self.prompt_names: list[str] = []
 
     def _attach_prompt(self, model: TaskModel) -> None:
@@ -77,18 +77,20 @@ class SfPrompt(Method):
 
     def attach(self, model: TaskModel) -> None:
         check_cut(model, self.options.head_blocks, self.options.tail_blocks)
-        self.num_labels = model.num_labels
+        self.client_model = model
         self._attach_prompt(model)
         self.relay = strip_body(model, self.options.head_blocks, self.options.tail_blocks)
 
     def select_trainable(self, model: TaskModel) -> list[str]:
-        """Prompts, the tail's blocks, and everything after the blocks (final norm, head)."""
+        """Prompts, the tail's blocks, and everything after the blocks (final norm, head; a
+        causal LM's LM head only where it is not tied to the input embeddings)."""
         blocks = blocks_prefix(model)
-        embeddings = next(
-            name.rsplit(".", 1)[0] + "."
-            for name, module in model.named_modules()
-            if module is model.input_embeddings()
-        )
+        # the embedding side: the module holding the input embeddings (BERT's `embeddings`,
+        # with its position embeddings and norm), unless that module holds the blocks too (a
+        # Llama's `model`): then the input embeddings alone
+        word = next(n for n, m in model.named_modules() if m is model.input_embeddings())
+        parent = word.rsplit(".", 1)[0] + "."
+        embeddings = word + "." if blocks.startswith(parent) else parent
         first_tail = len(model.blocks()) - self.options.tail_blocks
 
         def in_tail(name: str) -> bool:
@@ -136,7 +138,8 @@ class SfPrompt(Method):
         and all of it to evaluate the global prompts and tail."""
         from fedft.methods.sfprompt.server import SfPromptServer
 
-        full = load_task_model(cfg.model.name, self.num_labels, cfg.model.max_length, cfg.seed)
+        assert self.client_model is not None, "prepare() the model first"
+        full = load_like(self.client_model, cfg)
         self._attach_prompt(full)
         for param in full.parameters():
             param.requires_grad_(False)

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedft.federation.client import ClientContext
 from fedft.federation.payload import Payload
@@ -39,6 +38,7 @@ from fedft.federation.training import (
     make_optimizer,
     parameters_by_name,
     read_state,
+    row_lengths,
     step_batches,
     write_state,
 )
@@ -137,7 +137,8 @@ class SplitClient:
         loss_sum, seen = self.local_loss_phase(phase1)
         sampler = torch.Generator().manual_seed(derived_seed(ctx.seed, 2))
         steps = local_steps(cfg.train, len(kept))
-        batches = list(step_batches(kept, cfg.train.batch_size, steps, sampler, None))
+        lengths = row_lengths(ctx.data.train, cfg.train)
+        batches = list(step_batches(kept, cfg.train.batch_size, steps, sampler, None, lengths))
         width = max(len(b) for b in batches)
         plan = torch.full((len(batches), width), -1, dtype=torch.int64)
         for i, b in enumerate(batches):
@@ -167,9 +168,10 @@ class SplitClient:
         torch.manual_seed(derived_seed(self.ctx.seed, 3))
         self.model.train()
         loss_sum, seen = 0.0, 0
-        for index in step_batches(rows, cfg.train.batch_size, steps, sampler, None):
+        lengths = row_lengths(self.ctx.data.train, cfg.train)
+        for index in step_batches(rows, cfg.train.batch_size, steps, sampler, None, lengths):
             batch = self.batch(index)
-            loss = F.cross_entropy(self.model(batch), batch["labels"])
+            loss = self.model.task.loss(self.model(batch), batch)
             self.model.zero_grad(set_to_none=True)
             loss.backward()
             if self.prompt_opt is not None:
@@ -221,7 +223,7 @@ class SplitClient:
                     incoming.requires_grad_(True)
                     offset += len(rows)
                     self.relay.incoming = incoming
-                    loss = F.cross_entropy(self.model(batch), batch["labels"])
+                    loss = self.model.task.loss(self.model(batch), batch)
                     self.model.zero_grad(set_to_none=True)
                     loss.backward()
                     self.tail_opt.step()

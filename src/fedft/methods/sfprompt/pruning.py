@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedft.data.encode import TensorData
 from fedft.models.backbone import TaskModel
@@ -17,15 +16,14 @@ from fedft.models.backbone import TaskModel
 def el2n_scores(
     model: TaskModel, data: TensorData, rows: np.ndarray, batch_size: int, device: torch.device
 ) -> np.ndarray:
-    """||softmax(f(x)) - onehot(y)||_2 per row, f = the model as it stands (eval mode)."""
+    """||softmax(f(x)) - onehot(y)||_2 per row, f = the model as it stands (eval mode); for
+    generation, its mean over the row's response tokens."""
     was_training = model.training
     model.eval()
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(rows[start : start + batch_size]).items()}
-        probs = model(batch).float().softmax(-1)
-        target = F.one_hot(batch["labels"], probs.shape[-1]).float()
-        scores.append((probs - target).norm(dim=-1).cpu())
+        scores.append(model.task.error_norms(model(batch), batch).cpu())
     model.train(was_training)
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 

@@ -35,6 +35,7 @@ from fedft.federation.training import (
     local_steps,
     parameters_by_name,
     read_state,
+    row_lengths,
     write_state,
 )
 from fedft.methods import get_method, register
@@ -213,6 +214,7 @@ class Zo(Method):
             sampling,
             dp,
             noise,
+            row_lengths(ctx.data.train, cfg.train),
         )
         scalars: dict[str, Any] = {"num_examples": len(rows), "steps": result.steps}
         if dp is None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedft.data.encode import TensorData
 from fedft.federation.training import step_batches
@@ -48,7 +47,7 @@ class ZoSteps:
 
 
 def per_example_loss(model: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch), batch["labels"], reduction="none").to(torch.float64)
+    return model.task.example_losses(model(batch), batch).to(torch.float64)
 
 
 def privatize(per_example: torch.Tensor, dp: ScalarPrivacy, noise: RandomSource) -> torch.Tensor:
@@ -132,10 +131,11 @@ def run_zo(
     sampling: torch.Generator | RandomSource,
     dp: ScalarPrivacy | None = None,
     noise: RandomSource | None = None,
+    lengths: np.ndarray | None = None,
 ) -> ZoSteps:
     """A client's round of ZO-SGD. `seeds_for(step)` gives (wire values, actual seeds).
-    `sampling` shuffles the rows into batches, or under DP (a `RandomSource`) draws the Poisson
-    samples."""
+    `sampling` shuffles the rows into batches (grouped by `lengths` when given), or under DP (a
+    `RandomSource`) draws the Poisson samples."""
     if len(rows) == 0:
         raise ValueError("client has no training rows")
     decayed = decayed_mask(params)
@@ -147,7 +147,7 @@ def run_zo(
         schedule = poisson_batches(rows, dp.sample_rate, steps, sampling)
     else:
         assert isinstance(sampling, torch.Generator)
-        schedule = step_batches(rows, batch_size, steps, sampling, None)
+        schedule = step_batches(rows, batch_size, steps, sampling, None, lengths)
     try:
         for step, index in enumerate(schedule):
             wire, actual = seeds_for(step)

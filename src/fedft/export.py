@@ -1,0 +1,445 @@
+"""What a run leaves for plain Hugging Face code: `fedft export RUN OUT` and `fedft generate RUN
+PROMPT`.
+
+A run's checkpoint holds only what it trained (LoRA factors, prompts, biases, ...). Export puts
+it in the form the Hugging Face stack loads without fedft:
+
+- **LoRA** (`lora`, `fedpft` plugged into the full model, `zo` on LoRA): a peft adapter folder,
+  `PeftModel.from_pretrained(base, OUT)`; a trained classification head rides along as peft's
+  `modules_to_save`.
+- **Soft prompts on a causal LM** (`prompt`, `zo` on prompts, `sfprompt`): a peft prompt-tuning
+  adapter (virtual tokens before the input embeddings, as fedft trains them). Where the method
+  also trained weights of the model (sfprompt's tail), the base is that merged model, in
+  `OUT/base`.
+- **Weights of the model itself** (`full`, `head`, `bias`, `zo` on those, `sfprompt` without
+  prompts): the merged model and its tokenizer, `AutoModelFor...from_pretrained(OUT)`.
+- **Modules no library has** (`adapter`'s bottlenecks; a classifier's prompts after [CLS]): the
+  merged model with a small modeling file beside it that adds them,
+  `AutoModelFor...from_pretrained(OUT, trust_remote_code=True)`.
+
+An adapter's base is the run's model where a name or folder loads it (the converted SmolLM2 in
+fedft's cache, MiniLM's folder, a hub name); a tiny random test model, which nothing could
+recreate, is written to `OUT/base` (and so is any base with `--with-base`). `OUT/README.md` says
+what produced the export. OUT is written to a temporary folder and moved into place: an existing
+folder is never written over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fedft.errors import FedftError
+from fedft.federation.client import CLIENT
+from fedft.federation.engine import Task, build_task, make_server
+from fedft.federation.server import Server
+from fedft.metrics import rundir
+from fedft.models.backbone import TaskModel
+
+TINY = ("tiny-bert", "tiny-vit", "tiny-llama")
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    task: Task
+    server: Server
+    model: TaskModel  # the deployed model, carrying the run's last global state
+    summary: dict[str, Any]
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """A finished (or stopped) run's model as its last checkpoint left it."""
+    from fedft.config import validate_config
+
+    if not run_dir.is_dir():
+        raise FedftError(f"{run_dir} is not a folder; give a run folder, e.g. runs/lora-demo")
+    saved = run_dir / rundir.CONFIG
+    if not saved.is_file():
+        raise FedftError(f"{run_dir} is not a fedft run folder (no {rundir.CONFIG} in it)")
+    if not (run_dir / rundir.CHECKPOINT).is_file():
+        raise FedftError(f"{run_dir} has no checkpoint: the run never finished a round")
+    try:
+        tree = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError as exc:
+        raise FedftError(f"{saved} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    cfg = validate_config(tree if isinstance(tree, dict) else {})
+    if cfg.method.name == "fedpt":
+        raise FedftError(
+            "a fedpt run deploys the large model steered by the small one; there is no single "
+            "model to export (the small model's LoRA is in the run's checkpoint)"
+        )
+    tensors, meta = rundir.load_checkpoint(run_dir)
+    task = build_task(cfg)
+    server = make_server(task)
+    server.load_state_dict(
+        {k: v for k, v in tensors.items() if not k.startswith(CLIENT)}, meta["server"]
+    )
+    model = server.evaluation_models(task.model)["test"]
+    assert isinstance(model, TaskModel)
+    model.eval()
+    summary = {}
+    if (run_dir / rundir.SUMMARY).is_file():
+        summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    return LoadedRun(run_dir, task, server, model, summary)
+
+
+# --- what kind of export ------------------------------------------------------------------------
+def export_kind(task: Task) -> str:
+    names = task.method.trainable_names
+    lora = any(".lora_" in n for n in names)
+    prompt = any(n.startswith("prompt.") for n in names)
+    adapter = any(".adapter." in n for n in names)
+    if adapter or (prompt and not task.model.generative):
+        return "remote-code"
+    if lora:
+        return "peft-lora"
+    if prompt:
+        return "peft-prompt"
+    return "merged"
+
+
+def _auto_class(model: TaskModel) -> str:
+    if model.generative:
+        return "AutoModelForCausalLM"
+    if model.kind == "image":
+        return "AutoModelForImageClassification"
+    return "AutoModelForSequenceClassification"
+
+
+def base_source(task: Task) -> str | None:
+    """A name or folder that loads the run's untuned backbone, or None (a tiny random model)."""
+    name = task.cfg.model.name
+    if name in TINY:
+        return None
+    if name == "minilm":
+        from fedft.models.backbone import minilm_path
+
+        return minilm_path()
+    if name == "smollm2":
+        from fedft.models.causal import smollm2_path
+
+        return smollm2_path()
+    if name.lower().endswith(".gguf"):
+        from fedft.models.causal import convert_gguf
+
+        return str(convert_gguf(Path(name).expanduser()))
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
+def _fresh_backbone(run: LoadedRun) -> TaskModel:
+    """The run's backbone as it started (seeded), with nothing attached: the adapter's base."""
+    from fedft.models.backbone import load_like
+
+    return load_like(run.task.model, run.task.cfg)
+
+
+def _save_base(net: torch.nn.Module, model: TaskModel, folder: Path) -> None:
+    net.save_pretrained(folder)
+    tokenizer = model.preprocess.tokenizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _trained(model: TaskModel, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu().clone() for n in names}
+
+
+def _load_into(target: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy tensors by name into `target`; every one must land."""
+    params = dict(target.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise RuntimeError(f"export: no parameter named {missing[:3]} in the exported model")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+# --- the four forms -----------------------------------------------------------------------------
+def _peft_lora(run: LoadedRun, folder: Path, with_base: bool) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    method = run.task.method
+    options = getattr(method, "inner", method).options  # zo keeps lora's options inside
+    model = run.model
+    names = method.trainable_names
+    # the head modules by path (peft matches modules_to_save by the end of a module's name)
+    heads = sorted(
+        {n.removeprefix("net.").rpartition(".")[0] for n in model.head_parameter_names()}
+    )
+    fresh = _fresh_backbone(run)
+    base = base_source(run.task)
+    if base is None or with_base:
+        _save_base(fresh.net, model, folder / "base")
+        base = "base"
+    lora_names = [n for n in names if ".lora_" in n]
+    targets = sorted({n.split(".lora_")[0].split(".")[-1] for n in lora_names})
+    config = LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=targets,
+        modules_to_save=heads or None,
+        base_model_name_or_path=base,
+    )
+    peft_model = get_peft_model(fresh.net, config)
+    tensors = {}
+    for name, value in _trained(model, names).items():
+        inner = name.removeprefix("net.")
+        if ".lora_" in name:
+            tensors[f"base_model.model.{inner}"] = value
+        else:  # a head module, which peft keeps a trainable copy of
+            module, _, leaf = inner.rpartition(".")
+            tensors[f"base_model.model.{module}.modules_to_save.default.{leaf}"] = value
+    _load_into(peft_model, tensors)
+    peft_model.save_pretrained(folder)
+    _fix_base_path(folder, base)
+    if model.preprocess.tokenizer is not None:
+        model.preprocess.tokenizer.save_pretrained(folder)
+    return base
+
+
+def _fix_base_path(folder: Path, base: str) -> None:
+    """peft writes the base's path as it was given; keep `base` relative to OUT only in words."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _peft_prompt(run: LoadedRun, folder: Path, with_base: bool) -> str:
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = run.model
+    names = run.task.method.trainable_names
+    prompt_names = [n for n in names if n.startswith("prompt.")]
+    rest = [n for n in names if n not in prompt_names]
+    tokens = _trained(model, prompt_names)[prompt_names[0]]
+    fresh = _fresh_backbone(run)
+    base = base_source(run.task)
+    if rest:  # weights of the model trained too (sfprompt's tail): the base is that model
+        _load_into(fresh, _trained(model, rest))
+    if base is None or with_base or rest:
+        _save_base(fresh.net, model, folder / "base")
+        base = "base"
+    config = fresh.net.config
+    peft_config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=int(tokens.shape[0]),
+        token_dim=int(tokens.shape[1]),
+        num_transformer_submodules=1,
+        num_attention_heads=int(config.num_attention_heads),
+        num_layers=int(config.num_hidden_layers),
+        base_model_name_or_path=base,
+    )
+    peft_model = get_peft_model(fresh.net, peft_config)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(tokens)
+    peft_model.save_pretrained(folder)
+    _fix_base_path(folder, base)
+    model.preprocess.tokenizer.save_pretrained(folder)
+    return base
+
+
+def _merged(run: LoadedRun, folder: Path) -> None:
+    fresh = _fresh_backbone(run)
+    _load_into(fresh, _trained(run.model, run.task.method.trainable_names))
+    _save_base(fresh.net, run.model, folder)
+
+
+REMOTE_CODE = '''"""Written by `fedft export`: {base_class} with the modules fedft trained that no library
+has (bottleneck adapters after each block's feed-forward output; soft prompt tokens). Load with
+{auto}.from_pretrained(folder, trust_remote_code=True)."""
+
+import torch
+import transformers
+from torch import nn
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, dim, r):
+        super().__init__()
+        self.down = nn.Linear(dim, r)
+        self.act = nn.GELU()
+        self.up = nn.Linear(r, dim)
+
+    def forward(self, hidden):
+        return hidden + self.up(self.act(self.down(hidden)))
+
+
+class FedftModel(transformers.{base_class}):
+    def __init__(self, config):
+        super().__init__(config)
+        spec = config.fedft
+        self.fedft_after = spec.get("prompt_after", 1)
+        self.fedft_prompt = None
+        if spec.get("prompt_tokens"):
+            self.fedft_prompt = nn.Parameter(torch.zeros(spec["prompt_tokens"], spec["dim"]))
+        if spec.get("adapter_r"):
+            blocks = self.get_submodule(spec["blocks"])
+            for block in blocks:
+                adapter = Bottleneck(spec["dim"], spec["adapter_r"])
+                block.add_module("adapter", adapter)
+                block.get_submodule(spec["projection"]).register_forward_hook(
+                    lambda _m, _i, out, adapter=adapter: adapter(out)
+                )
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        if self.fedft_prompt is not None and (input_ids is not None or inputs_embeds is not None):
+            embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+            a, n = self.fedft_after, self.fedft_prompt.shape[0]
+            prompt = self.fedft_prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1).to(embeds.dtype)
+            inputs_embeds = torch.cat([embeds[:, :a], prompt, embeds[:, a:]], dim=1)
+            input_ids = None
+            if attention_mask is not None:
+                ones = attention_mask.new_ones(attention_mask.shape[0], n)
+                attention_mask = torch.cat([attention_mask[:, :a], ones, attention_mask[:, a:]], 1)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+'''
+
+
+def _remote_code(run: LoadedRun, folder: Path) -> None:
+    from fedft.methods.adapter import ffn_output
+
+    model = run.model
+    names = run.task.method.trainable_names
+    trained = _trained(model, names)
+    spec: dict[str, Any] = {"dim": model.hidden_size()}
+    adapters = [n for n in names if ".adapter." in n]
+    blocks = model.blocks()
+    if adapters:
+        block_path = next(n for n, m in model.net.named_modules() if m is blocks)
+        projection = ffn_output(blocks[0])
+        spec.update(
+            blocks=block_path,
+            projection=next(n for n, m in blocks[0].named_modules() if m is projection),
+            adapter_r=int(trained[next(n for n in adapters if n.endswith("down.weight"))].shape[0]),
+        )
+    prompts = [n for n in names if n.startswith("prompt.")]
+    if prompts:
+        spec["prompt_tokens"] = int(trained[prompts[0]].shape[0])
+        spec["prompt_after"] = 0 if model.generative else 1
+    base_class = type(model.net).__name__
+    auto = _auto_class(model)
+    (folder / "fedft_modeling.py").write_text(REMOTE_CODE.format(base_class=base_class, auto=auto))
+    config = model.net.config
+    config.fedft = spec
+    config.auto_map = {auto: "fedft_modeling.FedftModel"}
+    import importlib.util
+    import sys
+
+    loader = importlib.util.spec_from_file_location("fedft_modeling", folder / "fedft_modeling.py")
+    module = importlib.util.module_from_spec(loader)
+    sys.modules.pop("fedft_modeling", None)
+    loader.loader.exec_module(module)
+    fresh_net = module.FedftModel(config)
+    fresh = _fresh_backbone(run)
+    fresh_net.load_state_dict(fresh.net.state_dict(), strict=False)
+    weights = {}
+    for name, value in trained.items():
+        if name.startswith("prompt."):
+            weights["fedft_prompt"] = value
+        else:
+            weights[name.removeprefix("net.")] = value
+    _load_into(fresh_net, weights)
+    fresh_net.save_pretrained(folder)
+    del config.fedft
+    del config.auto_map
+    if model.preprocess.tokenizer is not None:
+        model.preprocess.tokenizer.save_pretrained(folder)
+
+
+# --- the command ---------------------------------------------------------------------------------
+def _readme(run: LoadedRun, kind: str, base: str | None) -> str:
+    cfg, s = run.task.cfg, run.summary
+    privacy = (s.get("privacy") or {}) if s else {}
+    eps = (
+        f"epsilon {privacy['epsilon_max']:.3g} (delta {privacy['delta']:g}, {privacy['mode']}-level"
+        + ("" if privacy.get("private", True) else ", NOT PRIVATE: reproducible noise")
+        + ")"
+        if privacy
+        else "none (no differential privacy)"
+    )
+    auto = _auto_class(run.model)
+    load = {
+        "peft-lora": f"base = {auto}.from_pretrained({base!r})\nmodel = PeftModel.from_pretrained(base, OUT)",
+        "peft-prompt": f"base = {auto}.from_pretrained({base!r})\nmodel = PeftModel.from_pretrained(base, OUT)",
+        "merged": f"model = {auto}.from_pretrained(OUT)",
+        "remote-code": f"model = {auto}.from_pretrained(OUT, trust_remote_code=True)",
+    }[kind]
+    headline = s.get("headline", "accuracy")
+    lines = [
+        f"# {run.run_dir.name}: exported by fedft",
+        "",
+        f"- base model: {cfg.model.name}" + (f" (`{base}`)" if base else ""),
+        f"- method: {cfg.method.name}; task: {run.model.task.describe()}",
+        f"- data: {cfg.data.source}; {cfg.federation.clients} clients",
+        f"- rounds completed: {s.get('rounds_completed', '?')}",
+        f"- final {headline}: {s.get(f'final_{headline}')}; final test loss: {s.get('final_loss')}",
+        f"- privacy: {eps}",
+        f"- form: {kind}",
+        "",
+        "Load it (paths relative to this folder where they say `base`):",
+        "",
+        "```python",
+        "from transformers import "
+        + auto
+        + ("\nfrom peft import PeftModel" if kind.startswith("peft") else ""),
+        "OUT = 'path/to/this/folder'",
+        load,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: Path, out: Path, with_base: bool = False) -> str:
+    """Write the run's tuned model to `out` (a new folder); returns the form written."""
+    if out.exists():
+        raise FedftError(f"{out} exists; give a new folder to export into (nothing was written)")
+    run = load_run(run_dir)
+    kind = export_kind(run.task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        base = None
+        if kind == "peft-lora":
+            base = _peft_lora(run, tmp, with_base)
+        elif kind == "peft-prompt":
+            base = _peft_prompt(run, tmp, with_base)
+        elif kind == "merged":
+            _merged(run, tmp)
+        else:
+            _remote_code(run, tmp)
+        (tmp / "README.md").write_text(_readme(run, kind, base))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return kind
+
+
+def generate_answers(run_dir: Path, prompts: list[str], max_new_tokens: int | None) -> list[str]:
+    """The tuned model's greedy answers to prompts, framed as the run framed its training rows."""
+    run = load_run(run_dir)
+    task = run.model.task
+    if not run.model.generative:
+        raise FedftError(
+            f"{run_dir} tuned a classifier ({task.describe()}); `fedft generate` answers with a "
+            "causal LM run (task.kind=generate)"
+        )
+    if max_new_tokens is not None:
+        task.options = task.options.model_copy(update={"max_new_tokens": max_new_tokens})
+    return task.generate(run.model, [task.frame(p) for p in prompts], run.task.device)

@@ -1,0 +1,351 @@
+"""`generate`: supervised fine-tuning of a causal language model.
+
+Three kinds of rows (the data decides, `fedft.data.sources`):
+
+- `sft`: a prompt and a response (Alpaca/Dolly `instruction` + `input` -> `output`). Loss on the
+  response tokens; scored by the response loss, its perplexity, and Rouge-L of greedy
+  generations on a fixed, seeded subset of the rows.
+- `labels`: classification rows run as generation (the MeZO / LM-BFF way). The prompt is
+  `task.label_prompt` around the text, the response the label word; scored also by accuracy from
+  the label words' likelihoods: each label word's summed log-probability given the prompt, the
+  best one is the answer.
+- `lm`: plain text; loss on every token; scored by loss and perplexity.
+
+The training loss of a batch is the mean over its examples of each example's mean target-token
+loss (so DP's per-example clipping and forward-only scalars see one number per example); the
+reported `loss` is the mean over every target token of the rows scored, and `perplexity` its
+exponential.
+
+The model computes next-token logits only at the positions that predict a target (transformers'
+`logits_to_keep`): a vocabulary of 49k makes the LM head as costly as the whole body otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedft.errors import ConfigError
+from fedft.tasks.base import Task
+from fedft.tasks.prompts import (
+    IGNORE,
+    Encoded,
+    PromptFormat,
+    encode_pairs,
+    encode_texts,
+    prompt_format,
+    prompt_lengths,
+)
+
+if TYPE_CHECKING:
+    from fedft.config import TaskConfig
+    from fedft.data.encode import TensorData
+    from fedft.data.sources import RawData
+
+Mode = Literal["sft", "labels", "lm"]
+log = logging.getLogger("fedft")
+
+
+def token_nll(output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood [B, k-1] and its target mask, for logits kept at the
+    last k positions of the sequence (`output` [B, k, V], `targets` [B, T])."""
+    kept = output.shape[1]
+    shifted = targets[:, targets.shape[1] - kept + 1 :]
+    logits = output[:, :-1]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        shifted.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view(shifted.shape)
+    return nll, shifted != IGNORE
+
+
+class Generate(Task):
+    name = "generate"
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        options: TaskConfig,
+        mode: Mode,
+        label_words: list[str],
+        seed: int,
+    ):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.options = options
+        self.mode = mode
+        self.seed = seed
+        self.label_words = label_words
+        self.format: PromptFormat | None = None
+        if mode != "lm":
+            self.format = prompt_format(tokenizer, options.template, options.system_prompt)
+        self.headline, self.higher_is_better = {
+            "sft": ("rouge_l", True),
+            "labels": ("accuracy", True),
+            "lm": ("perplexity", False),
+        }[mode]
+        self.word_ids = [
+            list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in label_words
+        ]
+        if mode == "labels" and any(not ids for ids in self.word_ids):
+            raise ConfigError("task.label_words: a label word is empty; give each class a word")
+        self.cut: dict[str, int] = {}
+        self._accepts_keep: dict[type, bool] = {}
+
+    def describe(self) -> str:
+        what = {"sft": "prompt -> response", "labels": "label words", "lm": "language modelling"}
+        frame = f", {self.format.name}" if self.format else ""
+        return f"generate ({what[self.mode]}{frame})"
+
+    # --- inputs ----------------------------------------------------------------------------------
+    def prompt_text(self, raw_prompt: str) -> str:
+        """The user's content for a row: the prompt as it is, or a labelled text in the label
+        prompt."""
+        if self.mode != "labels":
+            return raw_prompt
+        return self.options.label_prompt.format(text=raw_prompt, labels=", ".join(self.label_words))
+
+    def _encode(self, ds: Any, split: str) -> Encoded:
+        if self.mode == "lm":
+            out = encode_texts(self.tokenizer, list(ds["text"]), self.max_length)
+        else:
+            assert self.format is not None
+            if self.mode == "labels":
+                prompts = [self.prompt_text(t) for t in ds["text"]]
+                responses = [self.label_words[y] for y in ds["label"]]
+            else:
+                prompts, responses = list(ds["prompt"]), list(ds["response"])
+            out = encode_pairs(self.tokenizer, self.format, prompts, responses, self.max_length)
+        if out.prompts_cut or out.responses_cut:
+            log.warning(
+                "%s split: %d of %d rows are longer than model.max_length=%d: %d prompts lost "
+                "their end, %d responses were cut (raise model.max_length to keep them whole)",
+                split,
+                max(out.prompts_cut, out.responses_cut),
+                len(ds),
+                self.max_length,
+                out.prompts_cut,
+                out.responses_cut,
+            )
+        self.cut[f"{split}_prompts_cut"] = out.prompts_cut
+        self.cut[f"{split}_responses_cut"] = out.responses_cut
+        return out
+
+    def encode_splits(self, raw: RawData) -> tuple[TensorData, TensorData]:
+        from fedft.data.encode import TensorData
+
+        out = []
+        for split, ds in (("train", raw.train), ("test", raw.test)):
+            enc = self._encode(ds, split)
+            labels = torch.tensor(ds["label"], dtype=torch.long)
+            features = {
+                "input_ids": enc.input_ids,
+                "attention_mask": enc.attention_mask,
+                "target_ids": enc.target_ids,
+            }
+            out.append(TensorData(features, labels, lengths=enc.lengths, trim=True))
+        return out[0], out[1]
+
+    # --- the model's output and the loss ---------------------------------------------------------
+    def logits(self, net: Any, inputs: dict[str, Any], batch: dict[str, torch.Tensor]) -> Any:
+        """Next-token logits at the last k positions, k just enough to predict every target of
+        the batch (1 without targets: a caller that only wants hidden states)."""
+        targets = batch.get("target_ids")
+        keep = 1
+        if targets is not None:
+            first = int(prompt_lengths(targets).min())
+            keep = targets.shape[1] - max(first, 1) + 1
+        kind = type(net)
+        if kind not in self._accepts_keep:
+            self._accepts_keep[kind] = "logits_to_keep" in inspect.signature(net.forward).parameters
+        if self._accepts_keep[kind]:
+            return net(**inputs, logits_to_keep=keep).logits
+        return net(**inputs).logits[:, -keep:]
+
+    def example_losses(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        nll, mask = token_nll(output, batch["target_ids"])
+        return (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def error_norms(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """EL2N per example: the mean over its target tokens of ||softmax - onehot||_2."""
+        targets = batch["target_ids"]
+        kept = output.shape[1]
+        shifted = targets[:, targets.shape[1] - kept + 1 :]
+        probs = output[:, :-1].float().softmax(-1)
+        mask = shifted != IGNORE
+        onehot = F.one_hot(shifted.clamp_min(0), probs.shape[-1]).float()
+        norms = (probs - onehot).norm(dim=-1)
+        return (norms * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    # --- scoring ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        data: TensorData,
+        rows: np.ndarray | None,
+        batch_size: int,
+        device: torch.device,
+        generations: int | None = None,
+    ) -> dict[str, float]:
+        rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+        if len(rows) == 0:
+            return {"num_examples": 0, "loss": float("nan")}
+        was_training = model.training
+        model.eval()
+        try:
+            nll_sum, tokens = 0.0, 0
+            for index in _by_length(rows, data, batch_size):
+                batch = {k: v.to(device) for k, v in data.batch(index).items()}
+                nll, mask = token_nll(model(batch), batch["target_ids"])
+                nll_sum += float((nll * mask).sum())
+                tokens += int(mask.sum())
+            loss = nll_sum / max(tokens, 1)
+            out: dict[str, float] = {
+                "num_examples": len(rows),
+                "loss": loss,
+                "perplexity": math.exp(min(loss, 50.0)),
+            }
+            if self.mode == "labels":
+                out["accuracy"] = self.label_accuracy(model, data, rows, batch_size, device)
+            count = self.options.eval_generations if generations is None else generations
+            if self.mode == "sft" and count > 0:
+                picked = self.generation_rows(rows, count)
+                out["rouge_l"] = self.rouge_l(model, data, picked, batch_size, device)
+                out["generated"] = len(picked)
+        finally:
+            model.train(was_training)
+        return out
+
+    def generation_rows(self, rows: np.ndarray, count: int) -> np.ndarray:
+        """A fixed, seeded subset of `rows`: the same rows every time the model is scored."""
+        order = np.random.default_rng(self.seed).permutation(len(rows))[:count]
+        return np.sort(rows[order])
+
+    def label_accuracy(
+        self,
+        model: torch.nn.Module,
+        data: TensorData,
+        rows: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+    ) -> float:
+        """The share of rows whose own label word has the highest likelihood given the prompt."""
+        correct = 0
+        per = max(1, batch_size // max(len(self.word_ids), 1))
+        for index in _by_length(rows, data, per):
+            batch = data.batch(index)
+            scores = self.label_scores(model, batch, device)
+            correct += int((scores.argmax(1).cpu() == batch["labels"]).sum())
+        return correct / len(rows)
+
+    def label_scores(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """[B, K]: log p(label word k | the row's prompt), summed over the word's tokens."""
+        prompts = _prompts(batch)
+        candidates = [(p, w) for p in prompts for w in self.word_ids]
+        scored = _sequences(candidates, _pad(self.tokenizer), device)
+        nll, mask = token_nll(model(scored), scored["target_ids"])
+        return -(nll * mask).sum(1).view(len(prompts), len(self.word_ids))
+
+    def rouge_l(
+        self,
+        model: torch.nn.Module,
+        data: TensorData,
+        rows: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+    ) -> float:
+        """Mean Rouge-L F-measure (stemmed) of greedy generations against the responses."""
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        scores = []
+        for index in _by_length(rows, data, batch_size):
+            batch = data.batch(index)
+            answers = self.generate(model, _prompts(batch), device)
+            for i, answer in enumerate(answers):
+                targets = batch["target_ids"][i]
+                reference = self.tokenizer.decode(
+                    targets[targets != IGNORE], skip_special_tokens=True
+                ).strip()
+                scores.append(scorer.score(reference, answer)["rougeL"].fmeasure)
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def generate(
+        self, model: torch.nn.Module, prompts: list[list[int]], device: torch.device
+    ) -> list[str]:
+        """Greedy answers to prompts (token ids, each already in the frame), as text."""
+        if not prompts:
+            return []
+        pad = _pad(self.tokenizer)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        stops = sorted({*([self.format.end[0]] if self.format else []), _eos(self.tokenizer)})
+        new = model.generate(
+            ids.to(device), mask.to(device), self.options.max_new_tokens, stops, pad
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
+
+    def frame(self, prompt: str) -> list[int]:
+        """A user's prompt as the token ids the model was tuned on (for `fedft generate`)."""
+        content = self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
+        if self.format is None:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return self.format.prefix + list(content) + self.format.suffix
+
+
+def _eos(tokenizer: Any) -> int:
+    return int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+
+
+def _pad(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else _eos(tokenizer))
+
+
+def _prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's prompt tokens (everything before its first target)."""
+    firsts = prompt_lengths(batch["target_ids"])
+    return [batch["input_ids"][i, : int(f)].tolist() for i, f in enumerate(firsts)]
+
+
+def _sequences(
+    pairs: list[tuple[list[int], list[int]]], pad: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch of context + continuation, targets on the continuation."""
+    width = max(len(c) + len(t) for c, t in pairs)
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, IGNORE)
+    for i, (context, cont) in enumerate(pairs):
+        seq = context + cont
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        targets[i, len(context) : len(seq)] = torch.tensor(cont)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "target_ids": targets.to(device),
+    }
+
+
+def _by_length(rows: np.ndarray, data: TensorData, batch_size: int) -> list[np.ndarray]:
+    """Batches of rows of similar length (less padding to compute), in a fixed order."""
+    lengths = data.lengths[rows] if data.lengths is not None else np.zeros(len(rows))
+    ordered = rows[np.argsort(lengths, kind="stable")]
+    return [ordered[s : s + batch_size] for s in range(0, len(ordered), batch_size)]
