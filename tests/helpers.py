@@ -93,7 +93,20 @@ def write_generation_data(folder: Path, train: int = 60, test: int = 12) -> Path
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
-    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
+    words = [
+        "alpha",
+        "bravo",
+        "charlie",
+        "delta",
+        "echo",
+        "foxtrot",
+        "golf",
+        "hotel",
+        "india",
+        "juliet",
+        "kilo",
+        "lima",
+    ]
     for name, count, offset in (("train", train, 0), ("test", test, 1000)):
         with (folder / f"{name}.jsonl").open("w") as fh:
             for i in range(count):

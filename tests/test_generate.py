@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_llama_config, write_generation_data
 
 from fedft.config import TaskConfig, build_config
 from fedft.data import load_raw
@@ -23,6 +22,8 @@ from fedft.methods import get_method
 from fedft.models.backbone import load_task_model
 from fedft.tasks import Generate
 from fedft.tasks.prompts import IGNORE, encode_pairs, prompt_format, prompt_lengths
+
+from helpers import tiny_llama_config, write_generation_data
 
 
 @pytest.fixture(scope="module")
