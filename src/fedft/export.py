@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,9 +375,10 @@ def _readme(run: LoadedRun, kind: str, base: str | None) -> str:
         else "none (no differential privacy)"
     )
     auto = _auto_class(run.model)
+    where = "OUT + '/base'" if base == "base" else repr(base)
     load = {
-        "peft-lora": f"base = {auto}.from_pretrained({base!r})\nmodel = PeftModel.from_pretrained(base, OUT)",
-        "peft-prompt": f"base = {auto}.from_pretrained({base!r})\nmodel = PeftModel.from_pretrained(base, OUT)",
+        "peft-lora": f"base = {auto}.from_pretrained({where})\nmodel = PeftModel.from_pretrained(base, OUT)",
+        "peft-prompt": f"base = {auto}.from_pretrained({where})\nmodel = PeftModel.from_pretrained(base, OUT)",
         "merged": f"model = {auto}.from_pretrained(OUT)",
         "remote-code": f"model = {auto}.from_pretrained(OUT, trust_remote_code=True)",
     }[kind]
@@ -392,7 +394,7 @@ def _readme(run: LoadedRun, kind: str, base: str | None) -> str:
         f"- privacy: {eps}",
         f"- form: {kind}",
         "",
-        "Load it (paths relative to this folder where they say `base`):",
+        "Load it:",
         "",
         "```python",
         "from transformers import "
@@ -413,6 +415,8 @@ def export_run(run_dir: Path, out: Path, with_base: bool = False) -> str:
     run = load_run(run_dir)
     kind = export_kind(run.task)
     out.parent.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")  # set after saving
+    warnings.filterwarnings("ignore", category=FutureWarning)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         base = None

@@ -302,9 +302,10 @@ def make_summary(
     history = totals.history
     objective = task.model.task
     key = f"test_{objective.headline}"
-    evals = [m for m in history if m.get(key) is not None]
+    evals = [m for m in history if m.get("test_loss") is not None]
+    scored = [m for m in evals if m.get(key) is not None]
     pick = max if objective.higher_is_better else min
-    best = pick(evals, key=lambda m: m[key]) if evals else None
+    best = pick(scored, key=lambda m: m[key]) if scored else None
     final = evals[-1] if evals else None
     return {
         "name": run_dir.name,

@@ -28,6 +28,9 @@ from fedft.errors import ModelError
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CAUSAL_BUILTINS = ("smollm2", "tiny-llama")
+# As for the tiny encoders: at the usual init scale (0.02) a tiny random LM gives every token nearly
+# the same logits, and nothing small (LoRA, prompts) could move them; at 0.3 its features differ.
+TINY_INIT_RANGE = 0.3
 
 
 def cache_dir() -> Path:
@@ -161,6 +164,7 @@ def tiny_llama(max_length: int) -> tuple[torch.nn.Module, Any]:
         num_key_value_heads=2,
         max_position_embeddings=max(256, max_length + 64),
         tie_word_embeddings=True,
+        initializer_range=TINY_INIT_RANGE,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.embedding import compute_embedding_grad_sample
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
@@ -34,6 +36,20 @@ from fedft.privacy.accounting import MechanismPlan, plan_client
 from fedft.privacy.noise import RandomSource, dp_random, poisson_batches
 
 NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
+
+
+@register_grad_sampler(nn.Embedding)
+def embedding_grad_sample(
+    layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus's per-example embedding gradients, with the `padding_idx` row left at zero as
+    PyTorch's own backward leaves it. Hugging Face models set `padding_idx` to the pad token,
+    which in many causal LMs is the end-of-turn token itself (SmolLM2's `<|im_end|>`): Opacus
+    would give that row gradient a plain backward never gives it."""
+    out = compute_embedding_grad_sample(layer, activations, backprops)
+    if layer.padding_idx is not None and layer.weight in out:
+        out[layer.weight][:, layer.padding_idx] = 0
+    return out
 
 
 def dp_scalars(plan: MechanismPlan, steps: int) -> dict[str, float | int]:

@@ -89,7 +89,7 @@ class Generate(Task):
         if mode != "lm":
             self.format = prompt_format(tokenizer, options.template, options.system_prompt)
         self.headline, self.higher_is_better = {
-            "sft": ("rouge_l", True),
+            "sft": ("rouge_l", True) if options.eval_generations > 0 else ("perplexity", False),
             "labels": ("accuracy", True),
             "lm": ("perplexity", False),
         }[mode]

@@ -118,11 +118,18 @@ class SplitClient:
     def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: v.to(self.ctx.device) for k, v in self.ctx.data.train.batch(rows).items()}
 
-    def chunk_batches(self, chunk: int) -> list[np.ndarray]:
+    def chunk_batches(self, chunk: int) -> list[dict[str, torch.Tensor]]:
+        """The chunk's batches, all of one width: the server runs the body on their activations
+        together (generation rows are trimmed to the chunk's longest, not each batch's)."""
         plan = self.ctx.state["plan"]
         per = self.options.chunk_batches
-        rows = plan[chunk * per : (chunk + 1) * per]
-        return [r[r >= 0].numpy() for r in rows]
+        rows = [r[r >= 0].numpy() for r in plan[chunk * per : (chunk + 1) * per]]
+        whole = self.batch(np.concatenate(rows))
+        out, start = [], 0
+        for r in rows:
+            out.append({k: v[start : start + len(r)] for k, v in whole.items()})
+            start += len(r)
+        return out
 
     # --- phase 1 and pruning --------------------------------------------------------------------
     def start(self, payload: Payload) -> Payload:
@@ -198,8 +205,7 @@ class SplitClient:
     def head_activations(self, chunk: int) -> Payload:
         outs, masks = [], []
         with torch.no_grad():
-            for j, rows in enumerate(self.chunk_batches(chunk)):
-                batch = self.batch(rows)
+            for j, batch in enumerate(self.chunk_batches(chunk)):
                 outs.append(self.head_forward(chunk, j, batch).cpu())
                 if "attention_mask" in batch:
                     masks.append(batch["attention_mask"].to(torch.uint8).cpu())
@@ -217,19 +223,19 @@ class SplitClient:
         self.relay.mode = "inject"
         try:
             with blocks_skipped(self.model, self.options.head_blocks):  # the relay injects
-                for rows in self.chunk_batches(chunk):
-                    batch = self.batch(rows)
-                    incoming = body_out[offset : offset + len(rows)].to(self.ctx.device)
+                for batch in self.chunk_batches(chunk):
+                    size = len(batch["labels"])
+                    incoming = body_out[offset : offset + size].to(self.ctx.device)
                     incoming.requires_grad_(True)
-                    offset += len(rows)
+                    offset += size
                     self.relay.incoming = incoming
                     loss = self.model.task.loss(self.model(batch), batch)
                     self.model.zero_grad(set_to_none=True)
                     loss.backward()
                     self.tail_opt.step()
                     grads.append(incoming.grad.detach().cpu())
-                    self.ctx.state["split_loss_sum"] += float(loss.detach()) * len(rows)
-                    self.ctx.state["split_seen"] += len(rows)
+                    self.ctx.state["split_loss_sum"] += float(loss.detach()) * size
+                    self.ctx.state["split_seen"] += size
         finally:
             self.relay.mode, self.relay.incoming = "skip", None
         if self.prompt_opt is None:  # nothing before the body trains: no gradient goes back
@@ -240,11 +246,11 @@ class SplitClient:
         assert self.prompt_opt is not None
         params = list(self.prompt_opt.param_groups[0]["params"])
         per_batch, offset = [], 0
-        for j, rows in enumerate(self.chunk_batches(chunk)):
-            batch = self.batch(rows)
+        for j, batch in enumerate(self.chunk_batches(chunk)):
             out = self.head_forward(chunk, j, batch)
-            g = grad_head[offset : offset + len(rows)].to(out.device)
-            offset += len(rows)
+            size = len(batch["labels"])
+            g = grad_head[offset : offset + size].to(out.device)
+            offset += size
             per_batch.append(torch.autograd.grad(out, params, grad_outputs=g, allow_unused=True))
         for grads in per_batch:  # all measured at the prompts the server saw, then applied
             for p, g in zip(params, grads, strict=True):
