@@ -80,8 +80,9 @@ def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, li
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["lr"] = run_lr(run_dir)  # not in summary.json: read back from the run's config.yaml
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    headline = summary.get("headline", "accuracy")
     print(
-        f"[bench] {name}: accuracy {summary['final_accuracy']:.4f}, {summary['seconds']:.0f} s",
+        f"[bench] {name}: {headline} {summary.get(f'final_{headline}')}, {summary['seconds']:.0f} s",
         flush=True,
     )
     return summary, metrics

@@ -49,7 +49,7 @@ def one_step(kind: str) -> dict:
     )
     raw = load_raw(cfg.data, cfg.seed)
     model = load_task_model("minilm", raw.num_labels, LENGTH, cfg.seed)
-    data = build_federated_data(cfg, raw, model.preprocess)
+    data = build_federated_data(cfg, raw, model.task.encode_splits)
     method = get_method(method_name)(cfg.method_options())
     names = method.prepare(model)
     params = list(parameters_by_name(model, names).values())

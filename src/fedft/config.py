@@ -117,7 +117,9 @@ class TaskConfig(Section):
         description="generation: the prompt frame; auto: the model's chat template where it has one",
     )
     system_prompt: str | None = Field(
-        None, description="generation: a system turn for the chat template (None: its default)"
+        None,
+        description="generation: the chat template's system turn (None: the template's default, "
+        "which may add one; '': an empty one, shorter prompts)",
     )
     label_prompt: str = Field(
         "Classify the text as one of: {labels}.\n\nText: {text}",

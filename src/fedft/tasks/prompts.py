@@ -72,7 +72,7 @@ def prompt_format(tokenizer: Any, template: str, system: str | None) -> PromptFo
             [int(eos)],
             "plain template",
         )
-    turns = [{"role": "system", "content": system}] if system else []
+    turns = [{"role": "system", "content": system}] if system is not None else []
     turns.append({"role": "user", "content": SENTINEL})
     text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     prefix, _, suffix = text.partition(SENTINEL)
