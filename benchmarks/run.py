@@ -13,6 +13,7 @@ import dp_sst2  # noqa: E402
 import engines  # noqa: E402
 import fedpft_sst2  # noqa: E402
 import fedpt_text  # noqa: E402
+import generate_headlines  # noqa: E402
 import methods_sst2  # noqa: E402
 import sfprompt_text  # noqa: E402
 import zo_memory  # noqa: E402
@@ -30,6 +31,8 @@ SECTIONS = {
     "sfprompt": sfprompt_text.run,
     "fedpft": fedpft_sst2.run,
     "fedpt": fedpt_text.run,
+    "generate": generate_headlines.run,
+    "generate-memory": generate_headlines.memory,
 }
 
 

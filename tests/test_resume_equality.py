@@ -22,7 +22,7 @@ from fedft.federation.engine import build_task, run_federation
 from fedft.federation.grid import LocalGrid
 from fedft.metrics import rundir
 
-from helpers import CrashAfter, assert_same_global_state, tiny_config
+from helpers import CrashAfter, assert_same_global_state, tiny_config, write_generation_data
 
 # What a resumed run cannot reproduce: wall-clock time and the process's memory.
 NOT_REPRODUCIBLE = {
@@ -66,6 +66,18 @@ SFPROMPT = {  # tests/test_sfprompt.py's sf_config
     "federation.sample_fraction": 1.0,
 }
 ZO = {"train.lr": 1e-2, "train.weight_decay": 0.01}  # tests/test_zo.py's resume test
+GENERATE = {  # a causal LM on instruction rows; the untuned model's scores survive the resume
+    "model.name": "tiny-llama",
+    "model.max_length": 48,
+    "data.source": "GENERATION_DATA",
+    "data.label_column": "topic",
+    "data.max_train_samples": None,
+    "data.max_test_samples": None,
+    "task.eval_generations": 2,
+    "task.client_eval_generations": 1,
+    "task.max_new_tokens": 3,
+    "federation.eval_initial": True,
+}
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("full", "full", {}),
@@ -80,6 +92,7 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("sfprompt", "sfprompt", SFPROMPT),
     ("fedpft", "fedpft", FEDPFT),
     ("fedpt", "fedpt", FEDPT),
+    ("generate-lora", "lora", GENERATE),
 ]
 
 
@@ -109,6 +122,8 @@ def test_a_run_killed_after_round_2_and_resumed_equals_an_unbroken_run(
         "data.max_test_samples": 40,
         **sets,
     }
+    if sets.get("data.source") == "GENERATION_DATA":
+        sets["data.source"] = str(write_generation_data(tmp_path / "gen"))
     cfg, unbroken = run_dir_of(tmp_path, "unbroken", method, sets)
     rundir.start_run_dir(unbroken, "{}", overwrite=False)
     run_federation(build_task(cfg), unbroken)

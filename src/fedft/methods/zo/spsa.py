@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedft.data.encode import TensorData
-from fedft.federation.training import step_batches
+from fedft.federation.training import step_batches, task_of
 from fedft.methods.zo.directions import add_direction, decayed_mask
 from fedft.models.backbone import TaskModel
 from fedft.privacy.noise import RandomSource, poisson_batches
@@ -47,7 +47,7 @@ class ZoSteps:
 
 
 def per_example_loss(model: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model.task.example_losses(model(batch), batch).to(torch.float64)
+    return task_of(model).example_losses(model(batch), batch).to(torch.float64)
 
 
 def privatize(per_example: torch.Tensor, dp: ScalarPrivacy, noise: RandomSource) -> torch.Tensor:

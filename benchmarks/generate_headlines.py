@@ -1,0 +1,262 @@
+"""FedPEFT on a generative model: SmolLM2-135M-Instruct writing AG News headlines, 10 clients split
+by topic (Dirichlet 0.5), each method that applies to a Llama beside the untuned model and a
+centralized `lora` reference (section `generate`); and a client's peak memory and seconds per
+step for SmolLM2 with each method, each in a fresh process that holds only the client's model
+(section `generate-memory`)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import (
+    ROOT,
+    SHARED,
+    format_lr,
+    machine,
+    median_round_seconds,
+    run_job,
+    write_section,
+)
+
+ROUNDS, PER_ROUND, STEPS, BATCH = 3, 3, 4, 8
+COMMON = {
+    "model.name": "smollm2",
+    "model.max_length": 96,
+    "task.system_prompt": "",  # an empty system turn: SmolLM2's default one costs 16 tokens a row
+    "data.source": SHARED / "ag_news_headlines",
+    "data.label_column": "topic",
+    "data.partition": "dirichlet",
+    "data.alpha": 0.5,
+    "data.max_train_samples": 800,
+    "data.max_test_samples": 60,
+    "task.eval_generations": 30,
+    "task.max_new_tokens": 20,
+    "task.client_eval_generations": 0,
+    "federation.clients": 10,
+    "federation.sample_count": PER_ROUND,
+    "federation.rounds": ROUNDS,
+    "federation.eval_every": ROUNDS,
+    "train.batch_size": BATCH,
+    "train.max_steps": STEPS,
+}
+RUNS = {
+    "full": {"method.name": "full"},
+    "lora": {"method.name": "lora"},
+    "lora (all linear layers)": {"method.name": "lora", "method.target_modules": "all-linear"},
+    "prompt": {"method.name": "prompt"},
+    "adapter": {"method.name": "adapter"},
+    # zo's default (3e-3, swept on MiniLM classification) would wreck an LM's weights; MeZO tunes
+    # OPT's weights at 1e-6 to 1e-7
+    "zo (all weights)": {"method.name": "zo", "train.lr": 1e-6},
+}
+# one client holding all the rows, taking as many steps a round as the federated round's clients
+CENTRAL = {
+    "method.name": "lora",
+    "federation.clients": 1,
+    "federation.sample_count": 1,
+    "data.partition": "iid",
+    "train.max_steps": STEPS * PER_ROUND,
+}
+
+
+def run(out: Path) -> str:
+    results = {
+        label: run_job(_slug(label), out, {**COMMON, **sets}) for label, sets in RUNS.items()
+    }
+    central = run_job("central-lora", out, {**COMMON, **CENTRAL})
+    untuned = results["lora"][0]["initial"]  # LoRA starts at B = 0: the model itself
+    rows = [
+        "| run | lr | Rouge-L | test loss (perplexity) | uplink / client / round | total MB | "
+        "client peak RSS | s / round |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| untuned SmolLM2 | - | {100 * untuned['test_rouge_l']:.1f} | "
+        f"{untuned['test_loss']:.3f} ({untuned['test_perplexity']:.1f}) | - | - | - | - |",
+    ]
+    for label, (summary, metrics) in [*results.items(), ("centralized lora", central)]:
+        rows.append(
+            f"| {label} | {format_lr(summary['lr'])} | {100 * summary['final_rouge_l']:.1f} | "
+            f"{summary['final_loss']:.3f} ({summary['final_perplexity']:.1f}) | "
+            f"{_bytes(summary['bytes_up_per_client_per_round'])} | {summary['total_mb']:.1f} | "
+            f"{summary['client_peak_rss_mb']:.0f} MB | {median_round_seconds(metrics):.0f} |"
+        )
+    lora = results["lora"][0]
+    body = f"""
+## FedPEFT on a generative model (SmolLM2-135M, AG News headlines)
+
+Machine: {machine()}.
+
+Setup: SmolLM2-135M-Instruct (the bundled Q4_1 GGUF, dequantized) writes the headline of an AG
+News article (`../shared/data/ag_news_headlines`, instruction + article -> title, in its chat
+template with an empty system turn). Subsampled to fit this machine: {COMMON["data.max_train_samples"]} train rows (seeded) split over
+10 clients by `topic` (Dirichlet 0.5), {COMMON["data.max_test_samples"]} test rows, prompt + response cut at
+{COMMON["model.max_length"]} tokens (the prompt's end goes first: {lora.get("data_cut", {}).get("train_prompts_cut", 0)} train rows lost some of their
+article, no headline was cut). {PER_ROUND} clients a round, {ROUNDS} rounds, {STEPS} local steps of batch {BATCH}
+(batches grouped by length), each method at its default learning rate but `zo`, at 1e-6 (MeZO's
+range for an LM's weights; its default 3e-3 was swept on MiniLM classification). The lr column is
+read back from each run's `config.yaml`; none was swept for SmolLM2. Rouge-L: F-measure (stemmed) of
+greedy answers (at most {COMMON["task.max_new_tokens"]} tokens) to the same {COMMON["task.eval_generations"]} seeded test rows, before round 1
+(the untuned row: the `lora` run's, whose adapters start at zero) and after the last. Test loss:
+mean per headline token over the {COMMON["data.max_test_samples"]} test rows. Client peak RSS is the local engine's
+figure (the process that also holds the server's copy of what trains; see the next section for
+a client alone). `bias` and `head` do not apply: a Llama has no bias terms, and SmolLM2's LM head
+is the input embedding matrix. Centralized `lora`: one client with all {COMMON["data.max_train_samples"]} rows taking
+{STEPS * PER_ROUND} steps a round (the federated round's {PER_ROUND} x {STEPS}), the same rows and step count.
+
+{chr(10).join(rows)}
+
+How to read it: one run each (single seed), so differences of a point or two in Rouge-L on 30
+answers are within noise. The uplink column is what a client sends a round: every weight for
+`full`, the LoRA, prompt or adapter tensors for the FedPEFT methods, 12 bytes a step for `zo`.
+
+Regenerate with `python benchmarks/run.py generate`.
+"""
+    write_section("generate", body)
+    return body
+
+
+def _slug(label: str) -> str:
+    return "gen-" + "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+# --- a client alone: peak memory and seconds per step ------------------------------------------
+KINDS = ("inference", "lora", "prompt", "full", "zo")
+MEM_BATCH, MEM_LENGTH, STEPS_MEASURED, REPEATS = 8, 64, 3, 3
+
+
+def one_client(kind: str) -> dict:
+    """Runs inside the child process: SmolLM2 with the method attached, one warm-up step, then
+    three measured steps on a batch of 8 rows of 64 tokens."""
+    import torch
+
+    from fedft.config import build_config
+    from fedft.federation.engine import build_task
+    from fedft.federation.training import make_optimizer, parameters_by_name
+    from fedft.methods.zo.directions import decayed_mask
+    from fedft.methods.zo.spsa import zo_step
+    from fedft.metrics.measure import measure
+
+    torch.set_num_threads(2)
+    method = {"inference": "lora"}.get(kind, kind)
+    cfg = build_config(
+        base={
+            **{k: v for k, v in COMMON.items() if k.startswith(("model.", "data.", "task."))},
+            "model.max_length": MEM_LENGTH,
+            "data.max_train_samples": 64,
+            "data.partition": "iid",
+            "federation.clients": 1,
+            "method.name": method,
+            "train.batch_size": MEM_BATCH,
+        }
+    )
+    task = build_task(cfg)
+    model, data = task.model, task.data.train
+    full_rows = [i for i in range(len(data)) if data.lengths[i] == MEM_LENGTH][:MEM_BATCH]
+    batch = data.batch(full_rows)
+    assert batch["input_ids"].shape == (MEM_BATCH, MEM_LENGTH), batch["input_ids"].shape
+    params = list(parameters_by_name(model, task.method.trainable_names).values())
+    optimizer = (
+        make_optimizer(params, cfg.train, 1e-5) if kind in ("lora", "prompt", "full") else None
+    )
+    decayed = decayed_mask(params)
+
+    def step(seed: int) -> None:
+        if kind == "inference":
+            model.eval()
+            with torch.inference_mode():
+                model.task.loss(model(batch), batch)
+        elif kind == "zo":
+            model.eval()
+            zo_step(model, params, decayed, batch, [seed], 1e-3, 1e-6, 0.0)
+        else:
+            model.train()
+            loss = model.task.loss(model(batch), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    step(0)  # warm-up: lazy allocations and the optimizer's state
+    seconds, peak = [], 0
+    for i in range(STEPS_MEASURED):
+        with measure() as m:
+            step(i + 1)
+        seconds.append(m.seconds)
+        peak = max(peak, m.peak_rss_bytes)
+    trained = sum(p.numel() for p in params)
+    return {
+        "kind": kind,
+        "peak_rss_mb": peak / 1e6,
+        "seconds": statistics.median(seconds),
+        "trained": trained,
+    }
+
+
+def probe(kind: str) -> dict:
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import generate_headlines as g; "
+        f"print(json.dumps(g.one_client({kind!r})))"
+    )
+    env_vars = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    import os
+
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env_vars},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"[bench] {kind} probe failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory(out: Path) -> str:
+    rows = [
+        "| client step | trained parameters | peak RSS (median) | seconds / step (median) |",
+        "|---|---|---|---|",
+    ]
+    for kind in KINDS:
+        found = [probe(kind) for _ in range(REPEATS)]
+        print(f"[bench] generate-memory {kind}: {found}", flush=True)
+        peak = statistics.median(r["peak_rss_mb"] for r in found)
+        secs = statistics.median(r["seconds"] for r in found)
+        trained = "-" if kind == "inference" else f"{found[0]['trained']:,}"
+        label = {
+            "inference": "inference only (forward, no gradient)",
+            "zo": "zo (all weights; two forwards)",
+        }.get(kind, f"{kind} (backprop, AdamW)")
+        rows.append(f"| {label} | {trained} | {peak:.0f} MB | {secs:.2f} |")
+    body = f"""
+## A SmolLM2 client alone: memory and seconds per step
+
+Machine: {machine()}.
+
+Each row is one client step of SmolLM2-135M-Instruct (float32, 538 MB of weights) on {MEM_BATCH} rows of
+{MEM_LENGTH} tokens of the headline data, in a fresh process that holds only the client's model
+(`benchmarks/generate_headlines.py: one_client`): one warm-up step (lazy allocations, the
+optimizer's state), then {STEPS_MEASURED} measured steps; peak RSS is the process's high-water mark
+during them, seconds the median step. Each process was run {REPEATS} times; the table gives the
+medians. The loss is the response loss of the generation task (next-token logits only where a
+target is predicted).
+
+{chr(10).join(rows)}
+
+How to read it: what a client device must hold and how long it computes per step. `zo` needs no
+gradient, no optimizer state and no activations kept for a backward pass, so it stays near
+inference; `full` keeps a gradient and two AdamW moments of every weight.
+
+Regenerate with `python benchmarks/run.py generate-memory`.
+"""
+    write_section("generate-memory", body)
+    return body
