@@ -27,7 +27,7 @@ COMMON = {
     "model.name": "smollm2",
     "model.max_length": 96,
     "task.system_prompt": "",  # an empty system turn: SmolLM2's default one costs 16 tokens a row
-    "data.source": SHARED / "ag_news_headlines",
+    "data.source": str(SHARED / "ag_news_headlines"),
     "data.label_column": "topic",
     "data.partition": "dirichlet",
     "data.alpha": 0.5,
