@@ -69,8 +69,8 @@ def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, li
         "--set",
         f"output_dir={out_dir}",
     ]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
+    for key, value in sets.items():  # values are YAML: an empty text must be quoted
+        args += ["--set", f"{key}={value if value != '' else repr('')}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     print(f"[bench] {name}: {' '.join(f'{k}={v}' for k, v in sets.items())}", flush=True)
     done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)

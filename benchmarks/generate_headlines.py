@@ -253,8 +253,10 @@ target is predicted).
 {chr(10).join(rows)}
 
 How to read it: what a client device must hold and how long it computes per step. `zo` needs no
-gradient, no optimizer state and no activations kept for a backward pass, so it stays near
-inference; `full` keeps a gradient and two AdamW moments of every weight.
+gradient, no optimizer state and no activations kept for a backward pass, so it stays at
+inference's memory; `full` keeps a gradient and two AdamW moments of every weight. `zo`'s step
+is two forward passes plus three passes that regenerate its random direction over all 134.5M
+weights (perturb, perturb back, update), which is what makes it slower than a LoRA step here.
 
 Regenerate with `python benchmarks/run.py generate-memory`.
 """

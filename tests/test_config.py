@@ -65,3 +65,12 @@ def test_every_field_has_help():
         "[adapter] bottleneck width",
     ):
         assert field in text
+
+
+def test_the_example_configs_are_valid():
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        build_config(path)  # every field known, every value accepted
+    cfg = build_config(examples[0].parent / "generate-cpu.yaml")
+    assert cfg.task.system_prompt == "" and cfg.train.max_steps == 4

@@ -71,6 +71,16 @@ GENERATIVE = {
     "prompt": ("peft-prompt", {"method.num_tokens": 4}),
     "full": ("merged", {}),
     "adapter": ("remote-code", {"method.r": 4}),
+    # the LoRA learnt on the sub-model, plugged into the full model
+    "fedpft": (
+        "peft-lora",
+        {"method.keep_layers": [0], "method.distill_steps": 3, "method.realign_every": 0},
+    ),
+    # prompts as a peft adapter on a base that carries the tuned tail
+    "sfprompt": (
+        "peft-prompt",
+        {"method.num_tokens": 4, "method.head_blocks": 0, "method.tail_blocks": 1},
+    ),
 }
 
 
