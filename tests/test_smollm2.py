@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import shared_dataset
 
 from fedft.config import build_config
 from fedft.federation.engine import build_task
 from fedft.models.causal import smollm2_gguf
+
+from helpers import shared_dataset
 
 pytestmark = pytest.mark.slow
 
