@@ -35,9 +35,9 @@ from fedft.methods.fedpt.logits import (
     check_same_space,
 )
 from fedft.methods.fedpt.server import FedPtServer
-from fedft.methods.fedpt.zero_shot import keep_first_blocks, make_zero_shot
 from fedft.methods.lora import Lora, LoraOptions
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+from fedft.models.zero_shot import keep_first_blocks, make_zero_shot
 
 
 class FedPtOptions(LoraOptions, PublicDataOptions):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from fedft.config import RunConfig
-from fedft.errors import ConfigError
+from fedft.errors import ConfigError, ModelError
 from fedft.federation.aggregation import Tensors
 from fedft.federation.client import ClientContext, Handler
 from fedft.federation.payload import Payload
@@ -40,10 +40,18 @@ from fedft.federation.training import (
 )
 from fedft.methods import get_method, register
 from fedft.methods.base import Method
-from fedft.methods.zo.directions import checksum, decayed_mask, pool_seed
+from fedft.methods.zo.directions import (
+    Directions,
+    checksum,
+    decayed_mask,
+    pool_seed,
+    sparse_masks,
+)
+from fedft.methods.zo.head import ExactHead, head_module
 from fedft.methods.zo.records import apply_record, unpack_records
 from fedft.methods.zo.spsa import ScalarPrivacy, ZoSteps, run_zo
 from fedft.models.backbone import TaskModel
+from fedft.models.zero_shot import make_zero_shot
 from fedft.privacy import plan_client
 from fedft.privacy.dp_sgd import dp_scalars
 from fedft.privacy.noise import dp_random
@@ -59,6 +67,7 @@ DEFAULT_LR = {  # all and lora: `benchmarks/run.py zo-sweep` (docs/benchmarks.md
 }
 NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
 SYNCED = "synced."  # client-state prefix of the parameters it last synced
+HEAD = "head."  # payload prefix of an exact head's tensors (they travel whole)
 
 
 @dataclass
@@ -90,6 +99,30 @@ class ZoOptions(BaseModel):
     seed_pool: int | None = Field(
         None, ge=1, description="draw seeds from a fixed pool of this many (FedKSeed); None: fresh"
     )
+    distribution: Literal["gaussian", "rademacher"] = Field(
+        "gaussian",
+        description="entries of z: standard normal (MeZO) or +-1 (SPSA; cheaper to draw)",
+    )
+    sparsity: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Sparse-MeZO: share of each matrix's entries (the largest in magnitude) left "
+        "unperturbed (0: perturb all)",
+    )
+    start: Literal["task", "zero_shot"] = Field(
+        "task",
+        description="the head to start from: the task's (a fresh classifier; a causal LM's label "
+        "words) or, for a text encoder, a zero-shot head over the label names' embeddings",
+    )
+    label_template: str = Field("{}", description="start=zero_shot: text embedded for each label")
+    zero_shot_scale: float = Field(20.0, gt=0, description="start=zero_shot: logit scale")
+    head: Literal["zo", "exact"] = Field(
+        "zo",
+        description="the classifier head: by SPSA with the rest, or by exact gradients from the "
+        "hidden state that reaches it (no backward pass through the body)",
+    )
+    head_lr: float = Field(1e-2, gt=0, description="head=exact: SGD learning rate of the head")
 
 
 @register
@@ -105,6 +138,8 @@ class Zo(Method):
         self.inner = inner(inner.options_model(**self.options.params_options))
         self._initial_file: Path | None = None
         self.shared_copy: SyncedCopy | None = None  # this process's clients' shared synced version
+        self.head_names: list[str] = []  # head=exact: trained by exact gradients, sent whole
+        self.body_names: list[str] = []  # the parameters SPSA perturbs (seeds and scalars)
 
     @classmethod
     def validate_options(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +155,17 @@ class Zo(Method):
         return out
 
     def check_run(self, cfg: RunConfig) -> None:
+        o = self.options
+        if o.head == "exact" and cfg.privacy.mode != "none":
+            raise ConfigError(
+                f"privacy.mode={cfg.privacy.mode}: zo's exact head gradients would need a "
+                "mechanism and accountant of their own; use method.head=zo under DP"
+            )
+        if o.head == "exact" and o.params == "head":
+            raise ConfigError(
+                "method.head=exact with method.params=head trains the head alone by backprop: "
+                "use method 'head', or another parameter set for SPSA"
+            )
         if self.options.mode == "seeds" and cfg.federation.server_optimizer != "fedavg":
             raise ConfigError(
                 f"federation.server_optimizer={cfg.federation.server_optimizer}: zo in seeds mode "
@@ -128,6 +174,8 @@ class Zo(Method):
 
     # --- what trains -------------------------------------------------------------------------
     def attach(self, model: TaskModel) -> None:
+        if self.options.start == "zero_shot":
+            make_zero_shot(model, self.options.label_template, self.options.zero_shot_scale)
         self.inner.attach(model)
 
     def select_trainable(self, model: TaskModel) -> list[str]:
@@ -137,6 +185,18 @@ class Zo(Method):
         names = super().prepare(model)
         for param in model.parameters():  # nothing ever needs a gradient
             param.requires_grad_(False)
+        self.head_names = []
+        if self.options.head == "exact":
+            found = head_module(model.net) if not model.generative else None
+            if found is None:
+                raise ModelError(
+                    f"method.head=exact: {model.source} has no classification head to train "
+                    "by exact gradients (a causal LM's LM head is its embedding matrix); use "
+                    "method.head=zo"
+                )
+            prefix = f"net.{found[0]}."
+            self.head_names = [n for n in names if n.startswith(prefix)]
+        self.body_names = [n for n in names if n not in self.head_names]
         if self.options.mode == "seeds":
             self.keep_initial_state(read_state(model, names))
         return names
@@ -173,10 +233,24 @@ class Zo(Method):
         train = self.train_seeds if self.options.mode == "seeds" else self.train_delta
         return {"train": train, "evaluate": self.client_evaluate}
 
+    def directions_for(self, params: list[torch.Tensor]) -> Directions:
+        """How z is drawn over `params` as they stand (the sparse masks follow their values)."""
+        o = self.options
+        masks = sparse_masks(params, o.sparsity) if o.sparsity > 0 else None
+        return Directions(o.distribution, masks)
+
+    def exact_head(self, model: TaskModel) -> ExactHead | None:
+        if not self.head_names:
+            return None
+        found = head_module(model.net)
+        assert found is not None
+        params = list(parameters_by_name(model, self.head_names).values())
+        return ExactHead(found[1], params, self.options.head_lr, model.task)
+
     def local_round(self, ctx: ClientContext) -> tuple[ZoSteps, dict[str, Any]]:
         """Run this round's ZO steps on the model as it stands; the steps and the DP scalars."""
         cfg, rows = ctx.cfg, ctx.train_rows
-        params = list(parameters_by_name(ctx.model, ctx.trainable).values())
+        params = list(parameters_by_name(ctx.model, self.body_names).values())
         n, pool = self.options.directions, self.options.seed_pool
         picker = np.random.default_rng(derived_seed(ctx.seed, 1))
 
@@ -215,6 +289,8 @@ class Zo(Method):
             dp,
             noise,
             row_lengths(ctx.data.train, cfg.train),
+            self.directions_for(params),
+            self.exact_head(ctx.model),
         )
         scalars: dict[str, Any] = {"num_examples": len(rows), "steps": result.steps}
         if dp is None:
@@ -232,10 +308,12 @@ class Zo(Method):
         self.sync(ctx, payload)
         result, scalars = self.local_round(ctx)
         wire_dtype = torch.int32 if self.options.seed_pool is not None else torch.int64
+        head = {f"{HEAD}{n}": t for n, t in read_state(ctx.model, self.head_names).items()}
         return Payload(
             {
                 "seeds": torch.tensor(result.seeds, dtype=wire_dtype),
                 "grads": torch.tensor(result.grads, dtype=torch.float32),
+                **head,
             },
             scalars,
         )
@@ -257,6 +335,10 @@ class Zo(Method):
             write_state(ctx.model, payload.tensors)
         else:
             self._replay(ctx, payload, int(s["base"]), target, float(s["checksum"]))
+            head = {k[len(HEAD) :]: v for k, v in payload.tensors.items() if k.startswith(HEAD)}
+            write_state(
+                ctx.model, head
+            )  # the head travels whole (exact head); records move the rest
         self._keep_synced(ctx, target)
 
     def _replay(
@@ -286,16 +368,20 @@ class Zo(Method):
         got = math.nan
         for version, start in starts:  # a copy from another run fails the checksum: next one
             write_state(ctx.model, start())
-            params = list(parameters_by_name(ctx.model, ctx.trainable).values())
+            params = list(parameters_by_name(ctx.model, self.body_names).values())
             mask = decayed_mask(params)
             for record in records[version - base :]:
-                apply_record(params, mask, record, ctx.cfg.seed, self.options.seed_pool)
+                apply_record(
+                    params, mask, record, ctx.cfg.seed, self.options.seed_pool,
+                    self.directions_for(params),
+                )  # fmt: skip
             got = checksum(params)
             if math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
                 return
         raise RuntimeError(
-            f"replayed parameters differ from the server's (checksum {got!r} != {want!r}): "
-            "client and server must start from the same model and seed"
+            f"replayed parameters differ from the server's (checksum {got!r} on {ctx.device} != "
+            f"{want!r} on {payload.scalars.get('device', '?')}): client and server must start "
+            "from the same model and seed"
         )
 
     def _keep_synced(self, ctx: ClientContext, version: int) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fedft.federation.payload import Payload
-from fedft.methods.zo.directions import add_direction, pool_seed
+from fedft.methods.zo.directions import GAUSSIAN, Directions, pool_seed
 
 
 @dataclass
@@ -82,7 +82,10 @@ def apply_record(
     record: RoundRecord,
     run_seed: int,
     pool_size: int | None,
+    directions: Directions = GAUSSIAN,
 ) -> None:
+    """Apply one round's record; `directions` as the clients drew them in that round (their
+    masks are those of the parameters before the record)."""
     if record.decay != 1.0:
         for param, dec in zip(params, decayed, strict=True):
             if dec:
@@ -91,11 +94,14 @@ def apply_record(
     for seed, coef in zip(record.seeds.tolist(), record.coefs.tolist(), strict=True):
         scales = [coef[0] if (dec or not two) else coef[1] for dec in decayed]
         actual = pool_seed(run_seed, seed) if pool_size is not None else seed
-        add_direction(params, actual, scales)
+        directions.add(params, actual, scales)
 
 
-def pack_records(records: Sequence[RoundRecord], base: int, version: int, check: float) -> Payload:
-    """Records base+1..version as one payload (what a catching-up client receives)."""
+def pack_records(
+    records: Sequence[RoundRecord], base: int, version: int, check: float, device: str = "cpu"
+) -> Payload:
+    """Records base+1..version as one payload (what a catching-up client receives), with the
+    checksum of the parameters they lead to and the device the server computed it on."""
     width = records[0].coefs.shape[1] if records else 1
     return Payload(
         {
@@ -108,7 +114,7 @@ def pack_records(records: Sequence[RoundRecord], base: int, version: int, check:
             "counts": torch.tensor([r.size for r in records], dtype=torch.int64),
             "decays": torch.tensor([r.decay for r in records], dtype=torch.float64),
         },
-        {"sync": "records", "base": base, "version": version, "checksum": check},
+        {"sync": "records", "base": base, "version": version, "checksum": check, "device": device},
     )
 
 

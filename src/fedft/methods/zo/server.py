@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedft.config import RunConfig
-from fedft.federation.aggregation import Tensors
+from fedft.federation.aggregation import Tensors, weighted_mean
 from fedft.federation.grid import Grid
 from fedft.federation.payload import Message, Payload
 from fedft.federation.server import RoundOutcome, Server, mean_train_loss
@@ -24,6 +24,8 @@ from fedft.methods.zo.records import (
     build_record,
     pack_records,
 )
+
+HEAD = "head."  # as in fedft.methods.zo: an exact head's tensors travel whole
 
 if TYPE_CHECKING:
     from fedft.methods.zo import Zo
@@ -40,8 +42,12 @@ class SeedReplayServer(Server):
         self._checksum = checksum(self.ordered_params())
 
     def ordered_params(self) -> list[torch.Tensor]:
-        """The global tensors in the model's parameter order: the order z is drawn in."""
-        return [self.global_state[name] for name in self.method.trainable_names]
+        """The tensors SPSA moves, in the model's parameter order: the order z is drawn in (an
+        exact head is averaged as tensors instead)."""
+        return [self.global_state[name] for name in self.method.body_names]
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{HEAD}{n}": self.global_state[n] for n in self.method.head_names}
 
     @property
     def version(self) -> int:
@@ -51,6 +57,7 @@ class SeedReplayServer(Server):
         """The records the client missed, or the whole state: whichever is fewer bytes."""
         base = self.synced.get(client, 0)
         replay = pack_records(self.records[base:], base, self.version, self._checksum)
+        replay.tensors.update(self.head_tensors())
         full = Payload(dict(self.global_state), {"sync": "full", "version": self.version})
         return replay if replay.nbytes <= full.nbytes else full
 
@@ -82,7 +89,16 @@ class SeedReplayServer(Server):
             options.seed_pool,
         )
         params = self.ordered_params()
-        apply_record(params, decayed_mask(params), record, self.cfg.seed, options.seed_pool)
+        apply_record(
+            params, decayed_mask(params), record, self.cfg.seed, options.seed_pool,
+            self.method.directions_for(params),
+        )  # fmt: skip
+        if self.method.head_names:  # the exact head: a weighted mean of what clients sent
+            heads = [
+                {n: r.payload.tensors[f"{HEAD}{n}"] for n in self.method.head_names} for r in ok
+            ]
+            weights = [float(r.payload.scalars["num_examples"]) for r in ok]
+            self.global_state.update(weighted_mean(heads, weights))
         self.records.append(record)
         self._checksum = checksum(params)
         metrics = {"train_loss": mean_train_loss(ok), "record_pairs": record.size}

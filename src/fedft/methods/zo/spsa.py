@@ -11,6 +11,7 @@ runs without autograd: no graph is built and no backward pass exists.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch
 
 from fedft.data.encode import TensorData
 from fedft.federation.training import step_batches, task_of
-from fedft.methods.zo.directions import add_direction, decayed_mask
+from fedft.methods.zo.directions import GAUSSIAN, Directions, decayed_mask
+from fedft.methods.zo.head import ExactHead
 from fedft.models.backbone import TaskModel
 from fedft.privacy.noise import RandomSource, poisson_batches
 
@@ -73,20 +75,26 @@ def zo_step(
     weight_decay: float,
     dp: ScalarPrivacy | None = None,
     noise: RandomSource | None = None,
+    directions: Directions = GAUSSIAN,
+    head: ExactHead | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One ZO-SGD step in place. Returns the scalars sent (float32, one per direction) and the
-    summed loss at the perturbed points. `batch` None is an empty Poisson sample (DP only)."""
+    summed loss at the perturbed points. `batch` None is an empty Poisson sample (DP only).
+    `head`: a head trained by exact gradients from the same forward passes (not under DP)."""
     n = len(seeds)
     width = len(params)
     fused = n == 1 and batch is not None  # restore and update in one pass over z
     columns, loss_sum = [], 0.0
+    capture = head.capture if head is not None else nullcontext
     for seed in seeds if batch is not None else []:
-        add_direction(params, seed, [eps] * width)
-        plus = per_example_loss(model, batch)
-        add_direction(params, seed, [-2 * eps] * width)
-        minus = per_example_loss(model, batch)
+        directions.add(params, seed, [eps] * width)
+        with capture():
+            plus = per_example_loss(model, batch)
+        directions.add(params, seed, [-2 * eps] * width)
+        with capture():
+            minus = per_example_loss(model, batch)
         if not fused:
-            add_direction(params, seed, [eps] * width)
+            directions.add(params, seed, [eps] * width)
         columns.append((plus - minus) / (2 * eps))
         loss_sum += float((plus + minus).sum()) / 2 / n
     if batch is None:
@@ -112,7 +120,9 @@ def zo_step(
             scales = [a * eps + step if dec else eps + step for dec in decayed]
         else:
             scales = [step] * width
-        add_direction(params, seed, scales)
+        directions.add(params, seed, scales)
+    if head is not None and batch is not None:
+        head.step(batch)
     return grads, loss_sum
 
 
@@ -132,6 +142,8 @@ def run_zo(
     dp: ScalarPrivacy | None = None,
     noise: RandomSource | None = None,
     lengths: np.ndarray | None = None,
+    directions: Directions = GAUSSIAN,
+    head: ExactHead | None = None,
 ) -> ZoSteps:
     """A client's round of ZO-SGD. `seeds_for(step)` gives (wire values, actual seeds).
     `sampling` shuffles the rows into batches (grouped by `lengths` when given), or under DP (a
@@ -153,8 +165,9 @@ def run_zo(
             wire, actual = seeds_for(step)
             batch = {k: v.to(device) for k, v in data.batch(index).items()} if len(index) else None
             grads, loss_sum = zo_step(
-                model, params, decayed, batch, actual, eps, lr, weight_decay, dp, noise
-            )
+                model, params, decayed, batch, actual, eps, lr, weight_decay, dp, noise,
+                directions, head,
+            )  # fmt: skip
             out.seeds.extend(wire)
             out.grads.extend(grads.tolist())
             out.steps += 1

@@ -1,7 +1,8 @@
 """A classifier for a pretrained encoder that has none: the sentence embedding (mean of the last
 hidden states over real tokens, as sentence-transformers pool) scored by cosine similarity against
 one vector per label, first the embedding of the label's name. The label vectors are a trainable
-head, so federated tuning starts from zero-shot rather than from a random layer.
+head, so federated tuning starts from zero-shot rather than from a random layer (`fedpt`'s heads,
+and `zo`'s `start: zero_shot`).
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ def keep_first_blocks(model: TaskModel, count: int) -> None:
     """The small model of a pair made from one checkpoint: its first `count` blocks."""
     blocks = model.blocks()
     if not 1 <= count <= len(blocks):
-        raise ModelError(
-            f"method 'fedpt': small_layers={count}, but {model.source} has {len(blocks)} blocks"
-        )
+        raise ModelError(f"small_layers={count}, but {model.source} has {len(blocks)} blocks")
     del blocks[count:]
     if hasattr(model.net.config, "num_hidden_layers"):
         model.net.config.num_hidden_layers = count
@@ -71,8 +70,11 @@ def keep_first_blocks(model: TaskModel, count: int) -> None:
 @torch.no_grad()
 def make_zero_shot(model: TaskModel, template: str, scale: float) -> None:
     """Replace the model's classifier by a cosine head over its label names' embeddings."""
-    if model.kind != "text":
-        raise ModelError("method 'fedpt' serves text models (the large model answers text)")
+    if model.kind != "text" or model.generative:
+        raise ModelError(
+            f"a zero-shot head scores a text encoder's sentence embedding; {model.source} is not "
+            "a text encoder"
+        )
     encoder = model.net.base_model
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = (
