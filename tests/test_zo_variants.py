@@ -177,3 +177,66 @@ def test_seeds_mode_rounds_replay_exactly_and_send_what_they_say(tmp_path: Path,
     steps = cfg.train.max_steps
     for m in lines:
         assert all(c["bytes_up"] == steps * 12 + head for c in m["per_client"])
+
+
+def test_a_causal_lms_label_word_rows_train_by_exact_gradients(tmp_path: Path):
+    """On label words, the exact head is the LM head's rows of the label words' tokens, kept as a
+    parameter of their own: the model starts as it was, and their gradient is autograd's."""
+    sets = {
+        "data.source": "demo",
+        "data.label_column": "label",
+        "data.max_train_samples": 64,
+        "data.max_test_samples": 16,
+        "data.partition": "iid",
+        "model.max_length": 64,
+        "method.params": "lora",
+        "method.head": "exact",
+    }
+    task = build_task(tiny_llama_config(tmp_path, "zo", **sets))
+    model = task.model
+    assert task.method.head_names == ["label_head.rows"]
+    ids = model.label_head.ids
+    assert sorted(set(ids.tolist())) == sorted({t for w in model.task.word_ids for t in w})
+    batch = task.data.train.batch(np.arange(4))
+    model.eval()
+    with torch.no_grad():
+        patched = model(batch)
+        model.label_head.rows.add_(0.0)  # the rows are the LM head's own: nothing changed
+        head = model.net.get_output_embeddings()
+        plain = model.net(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits[:, -patched.shape[1] :]
+    torch.testing.assert_close(patched, plain)
+    exact = task.method.exact_head(model)
+    with torch.no_grad(), exact.capture():
+        model(batch)
+    ours = exact.gradients(batch)[0]
+    rows = model.label_head.rows
+    with torch.enable_grad():
+        rows.requires_grad_(True)
+        (theirs,) = torch.autograd.grad(model.task.loss(model(batch), batch), [rows])
+        rows.requires_grad_(False)
+    torch.testing.assert_close(ours, theirs)
+    assert head.weight.shape[0] > 1000 and rows.shape[0] == len(ids)  # a few rows, not the matrix
+    # and rounds: the rows travel whole, the LoRA as seeds, and catching up replays exactly
+    cfg = tiny_llama_config(
+        tmp_path / "run",
+        "zo",
+        **{
+            **sets,
+            "federation.rounds": 3,
+            "federation.clients": 4,
+            "federation.sample_fraction": 0.5,
+        },
+    )
+    task = build_task(cfg)
+    run_dir, lock = rundir.new_run_dir(cfg, overwrite=False)
+    try:
+        summary = run_federation(task, run_dir)
+    finally:
+        lock.release()
+    assert summary["failed_client_updates"] == 0
+    lines = rundir.read_metrics(run_dir)
+    assert any(c not in lines[0]["clients"] for m in lines[1:] for c in m["clients"])
+    per_client = cfg.train.max_steps * 12 + rows.numel() * 4
+    assert all(c["bytes_up"] == per_client for m in lines for c in m["per_client"])

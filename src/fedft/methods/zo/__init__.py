@@ -47,7 +47,7 @@ from fedft.methods.zo.directions import (
     pool_seed,
     sparse_masks,
 )
-from fedft.methods.zo.head import ExactHead, head_module
+from fedft.methods.zo.head import LABEL_ROWS, ExactHead, attach_label_rows, head_module
 from fedft.methods.zo.records import apply_record, unpack_records
 from fedft.methods.zo.spsa import ScalarPrivacy, ZoSteps, run_zo
 from fedft.models.backbone import TaskModel
@@ -177,22 +177,28 @@ class Zo(Method):
         if self.options.start == "zero_shot":
             make_zero_shot(model, self.options.label_template, self.options.zero_shot_scale)
         self.inner.attach(model)
+        if self.options.head == "exact" and model.generative:
+            self.lm_head = attach_label_rows(model)
 
     def select_trainable(self, model: TaskModel) -> list[str]:
-        return self.inner.select_trainable(model)
+        names = self.inner.select_trainable(model)
+        if self.options.head == "exact" and model.generative:
+            names = [*names, LABEL_ROWS]
+        return names
 
     def prepare(self, model: TaskModel) -> list[str]:
         names = super().prepare(model)
         for param in model.parameters():  # nothing ever needs a gradient
             param.requires_grad_(False)
         self.head_names = []
-        if self.options.head == "exact":
-            found = head_module(model.net) if not model.generative else None
+        if self.options.head == "exact" and model.generative:
+            self.head_names = [LABEL_ROWS]
+        elif self.options.head == "exact":
+            found = head_module(model.net)
             if found is None:
                 raise ModelError(
                     f"method.head=exact: {model.source} has no classification head to train "
-                    "by exact gradients (a causal LM's LM head is its embedding matrix); use "
-                    "method.head=zo"
+                    "by exact gradients; use method.head=zo"
                 )
             prefix = f"net.{found[0]}."
             self.head_names = [n for n in names if n.startswith(prefix)]
@@ -242,10 +248,14 @@ class Zo(Method):
     def exact_head(self, model: TaskModel) -> ExactHead | None:
         if not self.head_names:
             return None
-        found = head_module(model.net)
-        assert found is not None
+        if model.generative:  # the LM head, whose label-word logits the rows give
+            module = model.net.get_output_embeddings()
+        else:
+            found = head_module(model.net)
+            assert found is not None
+            module = found[1]
         params = list(parameters_by_name(model, self.head_names).values())
-        return ExactHead(found[1], params, self.options.head_lr, model.task)
+        return ExactHead(module, params, self.options.head_lr, model.task)
 
     def local_round(self, ctx: ClientContext) -> tuple[ZoSteps, dict[str, Any]]:
         """Run this round's ZO steps on the model as it stands; the steps and the DP scalars."""

@@ -20,6 +20,7 @@ from torch import nn
 from fedft.tasks import Task
 
 HEAD_MODULES = ("classifier", "score")  # the module that gives a classifier's logits
+LABEL_ROWS = "label_head.rows"  # a causal LM's label-word rows, as a parameter of their own
 
 
 def head_module(net: nn.Module) -> tuple[str, nn.Module] | None:
@@ -30,6 +31,44 @@ def head_module(net: nn.Module) -> tuple[str, nn.Module] | None:
         if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
             return name, module
     return None
+
+
+class LabelWordRows(nn.Module):
+    """A causal LM's LM-head rows of its label words' tokens, as a small parameter of their own.
+
+    The LM head of a small Llama is its input embedding matrix (49k x 576 for SmolLM2): training
+    it would move every token's embedding and send 28M values. These rows start as copies of the
+    head's rows for the tokens the label words are made of and replace those tokens' logits (a
+    hook on the LM head), so the label words' scores train while every embedding stays put."""
+
+    def __init__(self, head: nn.Module, token_ids: list[int]):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        self.rows = nn.Parameter(head.weight.detach()[self.ids].clone())
+        head.register_forward_hook(self._patch)
+
+    def _patch(self, _module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        hidden = args[0]
+        logits = logits.clone()
+        logits[..., self.ids] = hidden @ self.rows.to(hidden.dtype).T
+        return logits
+
+
+def attach_label_rows(model: Any) -> nn.Module:
+    """Give a causal LM run on label words its `LabelWordRows`; returns the LM head (the module
+    the exact head re-runs)."""
+    from fedft.errors import ModelError
+
+    task = model.task
+    if getattr(task, "mode", None) != "labels":
+        raise ModelError(
+            "method.head=exact on a causal LM trains the label words' rows of its LM head; the "
+            "run's rows are not classification rows (text + label); use method.head=zo"
+        )
+    head = model.net.get_output_embeddings()
+    ids = sorted({t for word in task.word_ids for t in word})
+    model.add_module("label_head", LabelWordRows(head, ids))
+    return head
 
 
 class ExactHead:
