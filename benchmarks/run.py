@@ -16,6 +16,7 @@ import fedpt_text  # noqa: E402
 import generate_headlines  # noqa: E402
 import methods_sst2  # noqa: E402
 import sfprompt_text  # noqa: E402
+import zo_learns  # noqa: E402
 import zo_memory  # noqa: E402
 import zo_sst2  # noqa: E402
 
@@ -33,6 +34,8 @@ SECTIONS = {
     "fedpt": fedpt_text.run,
     "generate": generate_headlines.run,
     "generate-memory": generate_headlines.memory,
+    "zo-learns": zo_learns.run,
+    "zo-learns-smollm2": zo_learns.run_smollm2,
 }
 
 
