@@ -34,6 +34,7 @@ SECTIONS = {
     "fedpt": fedpt_text.run,
     "generate": generate_headlines.run,
     "generate-memory": generate_headlines.memory,
+    "zo-learns-sweep": zo_learns.sweep,
     "zo-learns": zo_learns.run,
     "zo-learns-smollm2": zo_learns.run_smollm2,
 }
