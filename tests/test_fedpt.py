@@ -17,11 +17,11 @@ from fedft.federation.training import evaluate, read_state, write_state
 from fedft.methods.fedpt.logits import (
     CountingCache,
     HttpLogitsSource,
+    LocalCausalLM,
     LocalModelSource,
     serve_logits,
 )
 from fedft.methods.fedpt.proxy import (
-    LocalCausalLM,
     ProxyTuned,
     batch_texts,
     proxy_generate,

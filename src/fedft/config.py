@@ -90,6 +90,12 @@ class DataConfig(Section):
     local_test_fraction: float = Field(
         0.1, ge=0, lt=1, description="fraction of each client's data kept for its local test"
     )
+    server_rows: int | None = Field(
+        None,
+        ge=0,
+        description="training rows the server keeps as its validation split, held by no client "
+        "and never the test split (fedpt chooses alpha on them); None: what the method needs",
+    )
 
 
 class TaskConfig(Section):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from fedft.config import RunConfig
 from fedft.data.encode import TensorData
@@ -24,6 +26,7 @@ class FederatedData:
     label_names: list[str]
     kind: str
     partition: str = "dirichlet"  # the partition used (data without classes is split IID)
+    validation: TensorData | None = None  # the server's own rows (data.server_rows), or None
 
     @property
     def num_labels(self) -> int:
@@ -52,9 +55,28 @@ def partition_of(cfg: RunConfig, raw: RawData) -> str:
     return "dirichlet" if raw.num_labels > 0 else "iid"
 
 
-def build_federated_data(cfg: RunConfig, raw: RawData, encoder: Encoder) -> FederatedData:
+def hold_out_server_rows(raw: RawData, count: int, seed: int) -> tuple[RawData, RawData | None]:
+    """Take `count` seeded training rows away from the clients for the server's validation split
+    (at most a fifth of them, so the clients keep most). The test split is never touched: what is
+    chosen on these rows is then measured on rows nothing was chosen on."""
+    count = min(count, len(raw.train) // 5)
+    if count <= 0:
+        return raw, None
+    order = np.random.default_rng(seed + 7919).permutation(len(raw.train))
+    held = raw.train.select(np.sort(order[:count]).tolist())
+    kept = raw.train.select(np.sort(order[count:]).tolist())
+    return replace(raw, train=kept), replace(raw, train=held, test=held)
+
+
+def build_federated_data(
+    cfg: RunConfig, raw: RawData, encoder: Encoder, server_rows: int = 0
+) -> FederatedData:
     """Partition the training rows across clients and encode both splits with the task's
-    encoder."""
+    encoder; `server_rows` of the training rows first go to the server's validation split."""
+    raw, held = hold_out_server_rows(raw, server_rows, cfg.seed)
+    # encoded before the clients' splits, so that what an encoder records per split (a
+    # generation task's cut rows) ends with the run's own train and test
+    validation = encoder(held)[0] if held is not None else None
     labels = list(raw.train["label"])
     partition = partition_of(cfg, raw)
     data_cfg = cfg.data.model_copy(update={"partition": partition})
@@ -68,6 +90,7 @@ def build_federated_data(cfg: RunConfig, raw: RawData, encoder: Encoder) -> Fede
         label_names=raw.label_names,
         kind=raw.kind,
         partition=partition,
+        validation=validation,
     )
 
 

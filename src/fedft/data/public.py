@@ -55,6 +55,31 @@ class PublicDataOptions(BaseModel):
             pre, seed, clients, task,
         )  # fmt: skip
 
+    def load_public_texts(
+        self, clients: DataConfig, seed: int, task: TaskConfig | None = None
+    ) -> PublicTexts:
+        """The public texts as they are (a causal LM frames them as prompts), refused like
+        `load_public`'s; `public_rows` to distil on, then up to `public_heldout` only scored."""
+        texts = _texts(self.public_data, self.public_text_column)
+        check_not_clients_data(self.public_data, texts, clients, seed, task)
+        if len(texts) < 2:
+            raise DataError(
+                f"method.public_data: {self.public_data} has {len(texts)} rows; distillation "
+                "needs more"
+            )
+        order = np.random.default_rng(seed).permutation(len(texts))
+        picked = [texts[i] for i in order[: self.public_rows + self.public_heldout]]
+        held = min(self.public_heldout, max(1, len(picked) // 10))
+        return PublicTexts(train=picked[held:], heldout=picked[:held])
+
+
+@dataclass
+class PublicTexts:
+    """Public prompts for a causal LM's distillation: it writes the continuations itself."""
+
+    train: list[str]
+    heldout: list[str]
+
 
 @dataclass
 class PublicInputs:

@@ -67,8 +67,12 @@ def build_task(cfg: RunConfig) -> Task:
     check_fits(raw, model.preprocess.kind, cfg.model.name)
     if generate:
         model.task = make_generate(cfg, raw, model.preprocess.tokenizer)
-    data = build_federated_data(cfg, raw, model.task.encode_splits)
     method = get_method(cfg.method.name)(cfg.method_options())
+    server_rows = cfg.data.server_rows
+    if server_rows is None:
+        server_rows = method.server_rows_wanted()
+    data = build_federated_data(cfg, raw, model.task.encode_splits, server_rows)
+    method.validation = data.validation
     method.check_run(cfg)
     check_privacy(cfg, method, data)
     method.prepare(model)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedft.config import RunConfig
+from fedft.data.encode import TensorData
 from fedft.errors import ConfigError, ModelError
 from fedft.federation.aggregation import Tensors
 from fedft.federation.client import ClientContext, Handler
@@ -69,6 +70,14 @@ class Method:
         if bad:
             raise ConfigError(f"method.{bad[0]}: must be a finite number")
         return options
+
+    # the server's validation rows (`data.server_rows`), set when the run's data is built
+    validation: TensorData | None = None
+
+    def server_rows_wanted(self) -> int:
+        """Training rows the method's server needs as a validation split when `data.server_rows`
+        is not given. Default: none."""
+        return 0
 
     def check_run(self, cfg: RunConfig) -> None:
         """Refuse, before anything runs, a run config the method cannot serve. Default: any."""

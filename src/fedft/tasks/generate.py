@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -157,19 +158,24 @@ class Generate(Task):
 
     # --- the model's output and the loss ---------------------------------------------------------
     def logits(self, net: Any, inputs: dict[str, Any], batch: dict[str, torch.Tensor]) -> Any:
-        """Next-token logits at the last k positions, k just enough to predict every target of
-        the batch (1 without targets: a caller that only wants hidden states)."""
-        targets = batch.get("target_ids")
-        keep = 1
-        if targets is not None:
-            first = int(prompt_lengths(targets).min())
-            keep = targets.shape[1] - max(first, 1) + 1
+        """Next-token logits at the last k positions (`kept_positions`)."""
+        keep = self.kept_positions(batch)
         kind = type(net)
         if kind not in self._accepts_keep:
             self._accepts_keep[kind] = "logits_to_keep" in inspect.signature(net.forward).parameters
         if self._accepts_keep[kind]:
             return net(**inputs, logits_to_keep=keep).logits
         return net(**inputs).logits[:, -keep:]
+
+    @staticmethod
+    def kept_positions(batch: dict[str, torch.Tensor]) -> int:
+        """k, the last positions whose next-token logits predict every target of the batch (1
+        without targets: a caller that only wants the last position)."""
+        targets = batch.get("target_ids")
+        if targets is None:
+            return 1
+        first = int(prompt_lengths(targets).min())
+        return targets.shape[1] - max(first, 1) + 1
 
     def example_losses(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         nll, mask = token_nll(output, batch["target_ids"])
@@ -204,8 +210,7 @@ class Generate(Task):
         model.eval()
         try:
             nll_sum, tokens = 0.0, 0
-            for index in _by_length(rows, data, batch_size):
-                batch = {k: v.to(device) for k, v in data.batch(index).items()}
+            for batch in self.scoring_batches(data, rows, batch_size, device):
                 nll, mask = token_nll(model(batch), batch["target_ids"])
                 nll_sum += float((nll * mask).sum())
                 tokens += int(mask.sum())
@@ -241,22 +246,48 @@ class Generate(Task):
     ) -> float:
         """The share of rows whose own label word has the highest likelihood given the prompt."""
         correct = 0
-        per = max(1, batch_size // max(len(self.word_ids), 1))
-        for index in _by_length(rows, data, per):
-            batch = data.batch(index)
+        for batch in self.scoring_batches(data, rows, self.label_batch_size(batch_size)):
             scores = self.label_scores(model, batch, device)
             correct += int((scores.argmax(1).cpu() == batch["labels"]).sum())
         return correct / len(rows)
+
+    def scoring_batches(
+        self,
+        data: TensorData,
+        rows: np.ndarray,
+        batch_size: int,
+        device: torch.device | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The rows in batches of similar length (less padding), in a fixed order; on `device`
+        where one is given."""
+        for index in _by_length(rows, data, batch_size):
+            batch = data.batch(index)
+            yield batch if device is None else {k: v.to(device) for k, v in batch.items()}
+
+    def label_batch_size(self, batch_size: int) -> int:
+        """Rows a batch when each row is scored with every label word."""
+        return max(1, batch_size // max(len(self.word_ids), 1))
+
+    def label_candidates(
+        self, batch: dict[str, torch.Tensor], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Each row's prompt followed by each label word, targets on the word: K rows per row."""
+        candidates = [(p, w) for p in _prompts(batch) for w in self.word_ids]
+        return continuation_batch(candidates, pad_id(self.tokenizer), device)
 
     def label_scores(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
     ) -> torch.Tensor:
         """[B, K]: log p(label word k | the row's prompt), summed over the word's tokens."""
-        prompts = _prompts(batch)
-        candidates = [(p, w) for p in prompts for w in self.word_ids]
-        scored = _sequences(candidates, _pad(self.tokenizer), device)
-        nll, mask = token_nll(model(scored), scored["target_ids"])
-        return -(nll * mask).sum(1).view(len(prompts), len(self.word_ids))
+        scored = self.label_candidates(batch, device)
+        return self.word_log_likelihoods(model(scored), scored)
+
+    def word_log_likelihoods(
+        self, output: torch.Tensor, scored: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """[B, K] from the logits of `label_candidates`' rows."""
+        nll, mask = token_nll(output, scored["target_ids"])
+        return -(nll * mask).sum(1).view(-1, len(self.word_ids))
 
     def rouge_l(
         self,
@@ -271,8 +302,7 @@ class Generate(Task):
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         scores = []
-        for index in _by_length(rows, data, batch_size):
-            batch = data.batch(index)
+        for batch in self.scoring_batches(data, rows, batch_size):
             answers = self.generate(model, _prompts(batch), device)
             for i, answer in enumerate(answers):
                 targets = batch["target_ids"][i]
@@ -286,9 +316,19 @@ class Generate(Task):
         self, model: torch.nn.Module, prompts: list[list[int]], device: torch.device
     ) -> list[str]:
         """Greedy answers to prompts (token ids, each already in the frame), as text."""
+        return [
+            self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in self.continue_ids(model, prompts, device)
+        ]
+
+    def continue_ids(
+        self, model: torch.nn.Module, prompts: list[list[int]], device: torch.device
+    ) -> list[list[int]]:
+        """Greedy continuations of prompts (token ids, each already in the frame), each up to
+        and with its first stop token (the frame's end of turn, or end of text)."""
         if not prompts:
             return []
-        pad = _pad(self.tokenizer)
+        pad = pad_id(self.tokenizer)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -299,7 +339,11 @@ class Generate(Task):
         new = model.generate(
             ids.to(device), mask.to(device), self.options.max_new_tokens, stops, pad
         )
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
+        out = []
+        for row in new.cpu().tolist():
+            ends = [i for i, token in enumerate(row) if token in stops]
+            out.append(row[: ends[0] + 1] if ends else row)
+        return out
 
     def frame(self, prompt: str) -> list[int]:
         """A user's prompt as the token ids the model was tuned on (for `fedft generate`)."""
@@ -313,7 +357,7 @@ def _eos(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
 
 
-def _pad(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id
     return int(pad if pad is not None else _eos(tokenizer))
 
@@ -324,10 +368,11 @@ def _prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     return [batch["input_ids"][i, : int(f)].tolist() for i, f in enumerate(firsts)]
 
 
-def _sequences(
+def continuation_batch(
     pairs: list[tuple[list[int], list[int]]], pad: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """A right-padded batch of context + continuation, targets on the continuation."""
+    """A right-padded batch of context + continuation, targets on the continuation; `pad`: the
+    tokenizer's (`pad_id`)."""
     width = max(len(c) + len(t) for c, t in pairs)
     ids = torch.full((len(pairs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)

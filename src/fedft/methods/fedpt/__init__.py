@@ -1,16 +1,21 @@
 """`fedpt`: federated proxy-tuning of a black-box large model (proxy-tuning: Liu et al. 2024;
 FedPT's server-side distillation).
 
-Clients tune a small model (`lora`: LoRA on attention + the head) that shares the large model's
-output space; the server averages it and serves the large model steered by it,
+Clients tune a small model (`lora`: LoRA on attention, plus the head of a classifier) that shares
+the large model's output space; the server averages it and serves the large model steered by it,
 `large + α·(small tuned − small untuned)`, and may distil that back into the small model before
 the next round. The large model answers only with logits (a local model, or `method.large_url`);
-its weights never move and clients never see it.
+its weights never move and clients never see it. α is chosen each round on the server's
+validation rows (`data.server_rows`, held by no client) unless given.
 
-Classification pairs score over the run's labels. An encoder without a trained head gets a
-zero-shot head (cosine similarity of the mean-pooled embedding to each label name's embedding),
-on the small model too; by default the small model is the first `small_layers` blocks of the same
-checkpoint. Causal LMs proxy-tune generation through `proxy.proxy_generate`.
+Two kinds of pair:
+- classifiers score over the run's labels. An encoder without a trained head gets a zero-shot
+  head (cosine similarity of the mean-pooled embedding to each label name's embedding), on the
+  small model too.
+- causal LMs (`task.kind=generate`) score over one shared vocabulary: the proxy decodes token by
+  token (greedy, or sampled with `proxy_generate`) and scores label words, response loss and
+  Rouge-L like any generative model.
+By default the small model is the first blocks of the same checkpoint (`small_layers`).
 """
 
 from __future__ import annotations
@@ -22,22 +27,28 @@ from pydantic import BaseModel, Field
 
 from fedft.config import RunConfig
 from fedft.data.public import PublicDataOptions
-from fedft.errors import ModelError
+from fedft.errors import ConfigError, ModelError
 from fedft.federation.aggregation import Tensors
 from fedft.federation.server import Server
 from fedft.methods import register
 from fedft.methods.fedpt.logits import (
     CountingCache,
     HttpLogitsSource,
+    LocalCausalLM,
     LocalModelSource,
     LogitsSource,
     OutputSpace,
+    QueryCounter,
+    SequenceLogitsSource,
     check_same_space,
+    vocabulary_space,
 )
-from fedft.methods.fedpt.server import FedPtServer
+from fedft.methods.fedpt.server import CausalFedPtServer, FedPtServer
 from fedft.methods.lora import Lora, LoraOptions
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device
+from fedft.models.causal import load_causal_lm
 from fedft.models.zero_shot import keep_first_blocks, make_zero_shot
+from fedft.tasks.base import Task
 
 
 class FedPtOptions(LoraOptions, PublicDataOptions):
@@ -51,14 +62,27 @@ class FedPtOptions(LoraOptions, PublicDataOptions):
         "zero_shot",
         description="zero_shot: label-name similarity; own: the large model's trained classifier",
     )
-    small_layers: int | None = Field(
-        2, ge=1, description="the small model: the first this many blocks of model.name (None: all)"
+    small_layers: int | Literal["auto"] | None = Field(
+        "auto",
+        description="the small model: the first this many blocks of model.name (auto: a third "
+        "of them; None: all)",
     )
     label_template: str = Field("{}", description="text embedded for each label name ({} = name)")
     zero_shot_scale: float = Field(20.0, gt=0, description="cosine-similarity logit scale")
-    alpha: float = Field(1.0, ge=0, description="steering strength α")
-    distill_steps: int = Field(
-        100, ge=0, description="server-side distillation steps per round (0: none)"
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = it / r)")
+    alpha: float | Literal["auto"] = Field(  # type: ignore[assignment]  (LoRA's: lora_alpha)
+        "auto",
+        description="steering strength α (auto: the best of alpha_grid on the server's "
+        "validation rows, chosen each round)",
+    )
+    alpha_grid: list[float] = Field(
+        [0.0, 0.25, 0.5, 1.0, 1.5, 2.0], min_length=1, description="the α tried by alpha=auto"
+    )
+    distill_steps: int | None = Field(
+        None,
+        ge=0,
+        description="server-side distillation steps per round (0: none; None: 100 for a "
+        "classifier, none for a causal LM, where it did not help: docs/benchmarks.md)",
     )
     distill_lr: float = Field(1e-3, gt=0, description="Adam learning rate of distillation")
     distill_batch_size: int = Field(32, ge=1, description="distillation batch size")
@@ -75,29 +99,52 @@ class FedPt(Lora):
     # Sample-level DP-SGD is not offered: Opacus has no per-example rule for the zero-shot head.
     privacy_modes = ("client",)
 
+    # rows of the training split the server keeps to choose α (data.server_rows overrides)
+    validation_rows = 200
+
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)
         self.label_names: list[str] = []
+        self.task: Task | None = None  # the run's task, for the server's copies of the model
+
+    @property
+    def distill_steps(self) -> int:
+        steps = self.options.distill_steps
+        if steps is None:
+            return 0 if self.task is not None and self.task.name == "generate" else 100
+        return steps
+
+    def server_rows_wanted(self) -> int:
+        return self.validation_rows if self.options.alpha == "auto" else 0
+
+    def check_run(self, cfg: RunConfig) -> None:
+        if self.options.alpha == "auto" and cfg.data.server_rows == 0:
+            raise ConfigError(
+                "method.alpha=auto chooses α on the server's validation rows, but "
+                "data.server_rows=0; set data.server_rows (e.g. 200) or give method.alpha a number"
+            )
 
     def small_model(self, model: TaskModel) -> None:
-        """Make `model` the small model: its first blocks, then the head, then LoRA."""
+        """Make `model` the small model: its first blocks, then (a classifier) the head, then
+        LoRA."""
         o = self.options
         if o.small_layers is not None:
-            keep_first_blocks(model, o.small_layers)
-        if o.large_head == "zero_shot":
+            count = o.small_layers
+            if count == "auto":
+                count = max(1, round(len(model.blocks()) / 3))
+            keep_first_blocks(model, count)
+        if not model.generative and o.large_head == "zero_shot":
             make_zero_shot(model, o.label_template, o.zero_shot_scale)
-        Lora(LoraOptions.part_of(o)).attach(model)
+        lora = LoraOptions(
+            r=o.r, alpha=o.lora_alpha, dropout=o.dropout, target_modules=o.target_modules
+        )
+        Lora(lora).attach(model)
 
     def attach(self, model: TaskModel) -> None:
         if model.kind != "text":
             raise ModelError("method 'fedpt' serves text models (the large model answers text)")
-        if model.generative:
-            raise ModelError(
-                "method 'fedpt': federated rounds proxy-tune classification; a causal LM is "
-                "proxy-tuned for generation with fedft.methods.fedpt.proxy.proxy_generate "
-                "(give task.kind=classify to tune a causal LM's classification head instead)"
-            )
         self.label_names = list(model.label_names)
+        self.task = model.task
         self.small_model(model)
 
     # --- server -------------------------------------------------------------------------------
@@ -117,23 +164,56 @@ class FedPt(Lora):
         device = resolve_device(cfg.device)
         return LocalModelSource(large.to(device), device)
 
-    def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
-        """The large model behind a counting cache, refused unless it shares the small model's
-        labels; a server copy of the small model (to score and distil) and an untuned one."""
-        large = CountingCache(self.large_source(cfg))
-        check_same_space(large.space, OutputSpace("labels", tuple(self.label_names)))
+    def causal_large_source(self, cfg: RunConfig) -> SequenceLogitsSource:
+        o = self.options
+        if o.large_url:
+            source = HttpLogitsSource(o.large_url)
+            if source.space.kind != "tokens":
+                raise ModelError(
+                    f"method.large_url: {o.large_url} answers over {source.space.describe()}; a "
+                    "causal LM pair needs a served causal LM (POST /sequence_logits)"
+                )
+            return source
+        net, tokenizer = load_causal_lm(o.large or cfg.model.name, cfg.model.max_length)
+        for param in net.parameters():
+            param.requires_grad_(False)
+        return LocalCausalLM(net.eval().to(resolve_device(cfg.device)), tokenizer)
+
+    def server_small_model(self, cfg: RunConfig) -> TaskModel:
+        """A copy of the clients' small model for the server (frozen: only distillation, when
+        on, trains it)."""
         small = load_task_model(
-            cfg.model.name, len(self.label_names), cfg.model.max_length, cfg.seed
+            cfg.model.name, len(self.label_names), cfg.model.max_length, cfg.seed, task=self.task
         )
         small.label_names = list(self.label_names)
         self.small_model(small)
-        device = resolve_device(cfg.device)
-        small.to(device)
+        small.to(resolve_device(cfg.device))
         for param in small.parameters():
             param.requires_grad_(False)
-        untuned = copy.deepcopy(small)
+        return small
+
+    def make_server(self, cfg: RunConfig, initial: Tensors) -> Server:
+        """The large model behind a counter (a classifier: a counting cache), refused unless it
+        shares the small model's output space; a server copy of the small model (to score and
+        distil) and an untuned one."""
         o = self.options
-        public = None
-        if o.distill_steps > 0:
-            public = o.load_public(small.preprocess, cfg.data, cfg.seed)
-        return FedPtServer(cfg, initial, large, small, untuned, public, o, device)
+        small = self.server_small_model(cfg)
+        untuned = copy.deepcopy(small)
+        device = resolve_device(cfg.device)
+        steps = self.distill_steps
+        if small.generative:
+            large = QueryCounter(self.causal_large_source(cfg))
+            check_same_space(
+                large.space,
+                vocabulary_space(small.preprocess.tokenizer, int(small.net.config.vocab_size)),
+            )
+            texts = o.load_public_texts(cfg.data, cfg.seed, cfg.task) if steps > 0 else None
+            return CausalFedPtServer(
+                cfg, initial, large, small, untuned, texts, o, device, self.validation, steps
+            )
+        large = CountingCache(self.large_source(cfg))
+        check_same_space(large.space, OutputSpace("labels", tuple(self.label_names)))
+        public = o.load_public(small.preprocess, cfg.data, cfg.seed) if steps > 0 else None
+        return FedPtServer(
+            cfg, initial, large, small, untuned, public, o, device, self.validation, steps
+        )

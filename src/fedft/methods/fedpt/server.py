@@ -24,13 +24,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedft.config import RunConfig
-from fedft.data.public import PublicInputs
+from fedft.data.encode import TensorData
+from fedft.data.public import PublicInputs, PublicTexts
 from fedft.federation.aggregation import Tensors
 from fedft.federation.payload import Message, Reply
 from fedft.federation.server import FedAvgServer
 from fedft.federation.training import parameters_by_name, read_state, step_batches, write_state
-from fedft.methods.fedpt.logits import CountingCache
+from fedft.methods.fedpt.alpha import Parts, alpha_curve, best_alpha
+from fedft.methods.fedpt.logits import CountingCache, QueryCounter
 from fedft.methods.fedpt.proxy import (
+    CausalProxy,
     LargeAlone,
     ProxyTuned,
     batch_texts,
@@ -38,6 +41,8 @@ from fedft.methods.fedpt.proxy import (
     proxy_logits,
 )
 from fedft.models.backbone import TaskModel
+from fedft.tasks.generate import continuation_batch, pad_id
+from fedft.tasks.prompts import IGNORE
 
 LARGE = "large_cache."  # checkpoint prefix of the large model's answers
 
@@ -53,18 +58,26 @@ class FedPtServer(FedAvgServer):
         public: PublicInputs | None,
         options: Any,
         device: torch.device,
+        validation: TensorData | None = None,
+        distill_steps: int = 0,
     ):
         super().__init__(cfg, initial)
         self.large, self.small, self.untuned, self.public = large, small, untuned, public
         self.options = options
         self.device = device
+        self.validation = validation
+        self.distill_steps = distill_steps if public is not None else 0
         self.reported = (0, 0)  # large-model queries and bytes already reported
         self.reports: list[dict[str, float]] = []
+        # α: given, or chosen each round on the validation rows (1 until the first choice; before
+        # any round the small model is untuned and α changes nothing)
+        self.alpha: float = 1.0 if options.alpha == "auto" else float(options.alpha)
+        self.alpha_curves: list[dict[str, Any]] = []
         # The clients' aggregate of the last round, kept before distillation replaces the global
         # state; None until a round has distilled (then it is the global state itself).
         self.clients_aggregate: Tensors | None = None
         self.deployed: TaskModel | None = None  # a second small model, to score the aggregate
-        if public is not None and options.distill_steps > 0:
+        if self.distill_steps > 0:
             self.deployed = copy.deepcopy(small)
         for model in (small, untuned):
             write_state(model, initial)
@@ -84,12 +97,44 @@ class FedPtServer(FedAvgServer):
     def after_round(
         self, round_number: int, messages: list[Message], replies: list[Reply], ok: list[Reply]
     ) -> dict[str, Any]:
-        metrics = {}
-        if self.public is not None and self.options.distill_steps > 0:
+        metrics: dict[str, Any] = {}
+        if self.options.alpha == "auto" and self.validation is not None:
+            metrics.update(self.choose_alpha(round_number))
+        if self.distill_steps > 0:
             # what is deployed, kept before distillation replaces it
             self.clients_aggregate = dict(self.global_state)
             metrics.update(self.distil(round_number))
         return {**metrics, **self.query_costs("round")}
+
+    # --- α --------------------------------------------------------------------------------------
+    def parts(self, tuned: TaskModel) -> Parts:
+        """The large model's, `tuned`'s and the untuned small model's logits of a batch."""
+        large = LargeAlone(self.large, tuned).eval()
+
+        def parts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            return large(batch), tuned(batch), self.untuned(batch)
+
+        return parts
+
+    @torch.no_grad()
+    def choose_alpha(self, round_number: int) -> dict[str, float]:
+        """The best α of the grid for the clients' aggregate, on the validation rows only."""
+        assert self.validation is not None
+        write_state(self.small, self.global_state)
+        self.small.eval()
+        curve = alpha_curve(
+            self.parts(self.small),
+            self.small.task,
+            self.validation,
+            list(self.options.alpha_grid),
+            self.cfg.train.batch_size * 4,
+            self.device,
+        )
+        self.alpha = best_alpha(curve)
+        self.alpha_curves.append({"round": round_number, "alpha": self.alpha, "curve": curve})
+        chosen = next(p for p in curve if p["alpha"] == self.alpha)
+        return {"alpha": self.alpha, **{f"alpha_validation_{k}": v for k, v in chosen.items()
+                                        if k != "alpha"}}  # fmt: skip
 
     # --- distillation -------------------------------------------------------------------------
     def _inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -105,9 +150,7 @@ class FedPtServer(FedAvgServer):
         for start in range(0, len(rows), 64):
             batch = self._inputs(rows[start : start + 64].numpy())
             large = self.large.logits(batch_texts(self.small, batch)).to(self.device)
-            out.append(
-                proxy_logits(large, self.small(batch), self.untuned(batch), self.options.alpha)
-            )
+            out.append(proxy_logits(large, self.small(batch), self.untuned(batch), self.alpha))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -138,10 +181,12 @@ class FedPtServer(FedAvgServer):
         generator = torch.Generator().manual_seed(self.cfg.seed + round_number)
         self.small.train()
         torch.manual_seed(self.cfg.seed + round_number)  # dropout
-        bar = tqdm(total=o.distill_steps, desc="distilling", unit="step", leave=False, disable=None)
+        bar = tqdm(
+            total=self.distill_steps, desc="distilling", unit="step", leave=False, disable=None
+        )
         with bar:
             for index in step_batches(
-                p.train.numpy(), o.distill_batch_size, o.distill_steps, generator, None
+                p.train.numpy(), o.distill_batch_size, self.distill_steps, generator, None
             ):
                 teacher = torch.stack([by_row[int(r)] for r in index])
                 loss = distillation_kl(teacher, self.small(self._inputs(index)), o.temperature)
@@ -168,7 +213,7 @@ class FedPtServer(FedAvgServer):
         deployed); `small_test`: that aggregate alone; `large_test`: the large model alone. After
         a distillation, `distilled_test` and `distilled_small_test` score the distilled small
         model (the next round's start) and its proxy."""
-        alpha = self.options.alpha
+        alpha = self.alpha
         write_state(self.small, self.global_state)
         if self.clients_aggregate is None or self.deployed is None:
             deployed = self.small
@@ -196,7 +241,13 @@ class FedPtServer(FedAvgServer):
             tensors.update({f"aggregate.{k}": v for k, v in self.clients_aggregate.items()})
         cache, counts = self.large.state_dict()
         tensors.update({f"{LARGE}{k}": v for k, v in cache.items()})
-        meta["fedpt"] = {"reports": self.reports, "large": counts, "reported": list(self.reported)}
+        meta["fedpt"] = {
+            "reports": self.reports,
+            "large": counts,
+            "reported": list(self.reported),
+            "alpha": self.alpha,
+            "alpha_curves": self.alpha_curves,
+        }
         return tensors, meta
 
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
@@ -205,6 +256,8 @@ class FedPtServer(FedAvgServer):
         super().load_state_dict(tensors, meta)
         state = meta.get("fedpt", {})
         self.reports = list(state.get("reports", []))
+        self.alpha = float(state.get("alpha", self.alpha))
+        self.alpha_curves = list(state.get("alpha_curves", []))
         if "large" in state:
             cache = {k[len(LARGE) :]: v for k, v in tensors.items() if k.startswith(LARGE)}
             self.large.load_state_dict(cache, state["large"])
@@ -215,10 +268,124 @@ class FedPtServer(FedAvgServer):
     def summary(self) -> dict[str, Any]:
         return {
             "fedpt": {
-                "alpha": self.options.alpha,
+                "alpha": self.alpha,
+                "alpha_chosen": self.options.alpha == "auto",
+                "alpha_curves": self.alpha_curves,
                 "large_output_space": self.large.space.describe(),
                 "large_queries": self.large.queries,
                 "large_query_bytes": self.large.query_bytes,
                 "distillations": self.reports,
             }
         }
+
+
+class CausalFedPtServer(FedPtServer):
+    """`fedpt` over a vocabulary: the large model is a causal LM asked for next-token logits
+    (`QueryCounter`: nothing cached, every sequence asked is counted); the proxy decodes and
+    scores as a generative model does (`CausalProxy`).
+
+    Distillation (off by default) is sequence-level: the proxy steered by the clients' aggregate
+    writes greedy continuations of the public prompts (framed as the task frames its rows), and
+    the small model learns its next-token distributions along them (KL at temperature T on the
+    continuation's positions)."""
+
+    large: QueryCounter  # type: ignore[assignment]
+    public: PublicTexts | None  # type: ignore[assignment]
+
+    def parts(self, tuned: TaskModel) -> Parts:
+        proxy = CausalProxy(self.small.task, self.large, tuned, self.untuned, 1.0)
+        return proxy.parts  # type: ignore[return-value]
+
+    def evaluation_models(self, task_model: TaskModel) -> dict[str, nn.Module]:
+        write_state(self.small, self.global_state)
+        if self.clients_aggregate is None or self.deployed is None:
+            deployed = self.small
+        else:
+            deployed = self.deployed
+            write_state(deployed, self.clients_aggregate)
+        models: dict[str, nn.Module] = {
+            "test": CausalProxy(
+                self.small.task, self.large, deployed, self.untuned, self.alpha
+            ).eval(),
+            "small_test": deployed,
+            "large_test": CausalProxy(self.small.task, self.large).eval(),
+        }
+        if deployed is not self.small:
+            models["distilled_test"] = CausalProxy(
+                self.small.task, self.large, self.small, self.untuned, self.alpha
+            ).eval()
+            models["distilled_small_test"] = self.small
+        return models
+
+    # --- distillation -------------------------------------------------------------------------
+    def _continuations(self, teacher: CausalProxy, texts: list[str]) -> list[dict]:
+        """Each public prompt with the teacher's greedy continuation as its targets."""
+        task = self.small.task
+        pad = pad_id(task.tokenizer)
+        size = self.options.distill_batch_size
+        out = []
+        for start in range(0, len(texts), size):
+            prompts = [task.frame(t) for t in texts[start : start + size]]
+            answers = task.continue_ids(teacher, prompts, self.device)
+            pairs = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
+            if pairs:
+                out.append(continuation_batch(pairs, pad, self.device))
+        return out
+
+    def _kl(self, teacher: torch.Tensor, student: torch.Tensor, batch: dict) -> torch.Tensor:
+        """KL at the positions that predict a continuation token."""
+        targets = batch["target_ids"]
+        kept = student.shape[1]
+        mask = targets[:, targets.shape[1] - kept + 1 :] != IGNORE
+        return distillation_kl(
+            teacher[:, :-1][mask], student[:, :-1][mask], self.options.temperature
+        )
+
+    @torch.no_grad()
+    def _heldout_kl(self, teacher: CausalProxy, batches: list[dict]) -> float:
+        self.small.eval()
+        values = [float(self._kl(teacher(b), self.small(b), b)) for b in batches]
+        return float(np.mean(values)) if values else float("nan")
+
+    def distil(self, round_number: int) -> dict[str, float]:
+        assert self.public is not None and self.deployed is not None
+        o = self.options
+        started = time.perf_counter()
+        write_state(self.deployed, self.global_state)  # the teacher's small model: the aggregate
+        teacher = CausalProxy(
+            self.small.task, self.large, self.deployed, self.untuned, self.alpha
+        ).eval()
+        train = self._continuations(teacher, self.public.train)
+        held = self._continuations(teacher, self.public.heldout)
+        write_state(self.small, self.global_state)
+        before = self._heldout_kl(teacher, held)
+        names = list(self.global_state)
+        params = list(parameters_by_name(self.small, names).values())
+        for param in params:
+            param.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=o.distill_lr)
+        order = torch.Generator().manual_seed(self.cfg.seed + round_number)
+        self.small.train()
+        bar = tqdm(
+            total=self.distill_steps, desc="distilling", unit="step", leave=False, disable=None
+        )
+        with bar:
+            for step in range(self.distill_steps):
+                if step % max(len(train), 1) == 0:
+                    perm = torch.randperm(len(train), generator=order).tolist()
+                batch = train[perm[step % len(train)]]
+                with torch.no_grad():
+                    target = teacher(batch)
+                loss = self._kl(target, self.small(batch), batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.update()
+        for param in params:
+            param.requires_grad_(False)
+            param.grad = None
+        after = self._heldout_kl(teacher, held)
+        self.global_state = read_state(self.small, names)
+        report = {"distill_kl_before": before, "distill_kl_after": after}
+        self.reports.append(report)
+        return {**report, "distill_seconds": time.perf_counter() - started}
