@@ -12,6 +12,7 @@ import demo_noniid  # noqa: E402
 import dp_sst2  # noqa: E402
 import engines  # noqa: E402
 import fedpft_sst2  # noqa: E402
+import fedpt_generate  # noqa: E402
 import fedpt_text  # noqa: E402
 import generate_headlines  # noqa: E402
 import methods_sst2  # noqa: E402
@@ -37,6 +38,7 @@ SECTIONS = {
     "zo-learns-sweep": zo_learns.sweep,
     "zo-learns": zo_learns.run,
     "zo-learns-smollm2": zo_learns.run_smollm2,
+    "fedpt-generate": fedpt_generate.run,
 }
 
 

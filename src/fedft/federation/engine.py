@@ -215,11 +215,17 @@ def round_line(
 def evaluate_global(task: Task, server: Server) -> dict[str, float]:
     """Each model the server scores, on the global test split: `<prefix>_<metric>` for every
     metric of the task (classify: loss, accuracy; generate: loss, perplexity, Rouge-L or
-    label-word accuracy)."""
+    label-word accuracy). A model marked `frozen` (the same every round: a black-box large
+    model alone) is scored once and its scores kept on it."""
     out = {}
     for prefix, model in server.evaluation_models(task.model).items():
-        stats = evaluate(model, task.data.test, None, task.cfg.train.batch_size * 4, task.device)
-        out.update({f"{prefix}_{key}": value for key, value in stats.metrics.items()})
+        metrics = getattr(model, "frozen_scores", None)
+        if metrics is None:
+            size = task.cfg.train.batch_size * 4
+            metrics = evaluate(model, task.data.test, None, size, task.device).metrics
+            if getattr(model, "frozen", False):
+                model.frozen_scores = metrics
+        out.update({f"{prefix}_{key}": value for key, value in metrics.items()})
     return {**out, **server.evaluation_costs()}
 
 

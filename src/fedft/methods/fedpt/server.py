@@ -292,6 +292,14 @@ class CausalFedPtServer(FedPtServer):
     large: QueryCounter  # type: ignore[assignment]
     public: PublicTexts | None  # type: ignore[assignment]
 
+    @property
+    def large_alone(self) -> CausalProxy:
+        """The large model by itself: frozen, so scored once (`frozen`) for the whole run."""
+        if getattr(self, "_large_alone", None) is None:
+            self._large_alone = CausalProxy(self.small.task, self.large).eval()
+            self._large_alone.frozen = True
+        return self._large_alone
+
     def parts(self, tuned: TaskModel) -> Parts:
         proxy = CausalProxy(self.small.task, self.large, tuned, self.untuned, 1.0)
         return proxy.parts  # type: ignore[return-value]
@@ -308,7 +316,7 @@ class CausalFedPtServer(FedPtServer):
                 self.small.task, self.large, deployed, self.untuned, self.alpha
             ).eval(),
             "small_test": deployed,
-            "large_test": CausalProxy(self.small.task, self.large).eval(),
+            "large_test": self.large_alone,
         }
         if deployed is not self.small:
             models["distilled_test"] = CausalProxy(
