@@ -74,7 +74,6 @@ def test_what_each_method_trains_on_a_causal_lm(base):
     [
         ("head", "LM head of tiny-llama is tied to its input embeddings"),
         ("bias", "has no bias terms"),
-        ("fedpt", "a causal LM is proxy-tuned for generation with"),
     ],
 )
 def test_methods_a_llama_cannot_serve_are_refused(base, method: str, message: str):

@@ -277,7 +277,7 @@ def test_test_accuracy_scores_the_proxy_of_the_clients_aggregate_not_the_distill
         (server.global_state, "distilled_test"),
     ):
         write_state(small, state)
-        proxy = ProxyTuned(server.large, small, server.untuned, server.options.alpha).eval()
+        proxy = ProxyTuned(server.large, small, server.untuned, server.alpha).eval()
         stats = evaluate(proxy, task.data.test, None, 64, task.device)
         assert stats.accuracy == line[f"{prefix}_accuracy"]
         assert stats.loss == pytest.approx(line[f"{prefix}_loss"], rel=1e-6)

@@ -101,5 +101,6 @@ __all__ = [
     "RawData",
     "TensorData",
     "build_federated_data",
+    "hold_out_server_rows",
     "load_raw",
 ]
