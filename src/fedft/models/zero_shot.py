@@ -59,12 +59,37 @@ class ZeroShotClassifier(nn.Module):
 
 def keep_first_blocks(model: TaskModel, count: int) -> None:
     """The small model of a pair made from one checkpoint: its first `count` blocks."""
+    total = len(model.blocks())
+    if not 1 <= count <= total:
+        raise ModelError(f"small_layers={count}, but {model.source} has {total} blocks")
+    keep_blocks(model, list(range(count)))
+
+
+def keep_blocks(model: TaskModel, indices: list[int]) -> None:
+    """Keep only the blocks at `indices` (in order), as layer-drop does: the first blocks and
+    the last ones keep a causal LM's output far closer to the whole model's than the first
+    blocks alone (their output is read by a head trained on the last block's). Blocks that
+    number themselves for a key/value cache are renumbered."""
     blocks = model.blocks()
-    if not 1 <= count <= len(blocks):
-        raise ModelError(f"small_layers={count}, but {model.source} has {len(blocks)} blocks")
-    del blocks[count:]
-    if hasattr(model.net.config, "num_hidden_layers"):
-        model.net.config.num_hidden_layers = count
+    if not indices or len(set(indices)) != len(indices) or sorted(indices) != list(indices):
+        raise ModelError(f"small_layers={indices}: give distinct block indices in order")
+    if indices[0] < 0 or indices[-1] >= len(blocks):
+        raise ModelError(
+            f"small_layers={indices}, but {model.source} has blocks 0 to {len(blocks) - 1}"
+        )
+    kept = [blocks[i] for i in indices]
+    del blocks[:]
+    for position, block in enumerate(kept):
+        blocks.append(block)
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    config = model.net.config
+    if hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(kept)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) > max(indices):
+        config.layer_types = [types[i] for i in indices]
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ from fedft.methods.fedpt.server import CausalFedPtServer, FedPtServer
 from fedft.methods.lora import Lora, LoraOptions
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device
 from fedft.models.causal import load_causal_lm
-from fedft.models.zero_shot import keep_first_blocks, make_zero_shot
+from fedft.models.zero_shot import keep_blocks, keep_first_blocks, make_zero_shot
 from fedft.tasks.base import Task
 
 
@@ -62,10 +62,11 @@ class FedPtOptions(LoraOptions, PublicDataOptions):
         "zero_shot",
         description="zero_shot: label-name similarity; own: the large model's trained classifier",
     )
-    small_layers: int | Literal["auto"] | None = Field(
+    small_layers: int | list[int] | Literal["auto"] | None = Field(
         "auto",
-        description="the small model: the first this many blocks of model.name (auto: a third "
-        "of them; None: all)",
+        description="the small model: the first this many blocks of model.name, or the blocks "
+        "at these indices (auto: a third of the blocks; a causal LM's first ones and its last "
+        "three, which keep its output closest to the whole model's; None: all)",
     )
     label_template: str = Field("{}", description="text embedded for each label name ({} = name)")
     zero_shot_scale: float = Field(20.0, gt=0, description="cosine-similarity logit scale")
@@ -128,11 +129,17 @@ class FedPt(Lora):
         """Make `model` the small model: its first blocks, then (a classifier) the head, then
         LoRA."""
         o = self.options
-        if o.small_layers is not None:
-            count = o.small_layers
-            if count == "auto":
-                count = max(1, round(len(model.blocks()) / 3))
-            keep_first_blocks(model, count)
+        if isinstance(o.small_layers, list):
+            keep_blocks(model, o.small_layers)
+        elif o.small_layers == "auto":
+            total = len(model.blocks())
+            count = max(1, round(total / 3))
+            if model.generative and count > 3:
+                keep_blocks(model, [*range(count - 3), *range(total - 3, total)])
+            else:
+                keep_first_blocks(model, count)
+        elif o.small_layers is not None:
+            keep_first_blocks(model, o.small_layers)
         if not model.generative and o.large_head == "zero_shot":
             make_zero_shot(model, o.label_template, o.zero_shot_scale)
         lora = LoraOptions(
