@@ -131,8 +131,7 @@ validation file, never read here); MiniLM with the zero-shot head, 10 clients, 5
 rounds of 10 steps of batch 32; zo's body by SPSA at the body lr, the head by SGD at the head lr.
 Head lrs below 1e-1 are not repeated: an earlier pass of this sweep (interrupted, same
 settings) reached 70.4% at body 1e-5 / head 1e-2 against 75.6% at body 1e-5 / head 1e-1. Body lrs
-of 1e-3 and above move MiniLM's weights too far for SPSA's noise (the `zo-sweep` section's 3e-3 on a
-fresh head stays near chance). The zero-shot start scores {100 * start["initial"]["test_accuracy"]:.1f}% on this split. Best (accuracy, then loss): {picks}.
+of 1e-3 and LoRA bodies were not tried here, for time. The zero-shot start scores {100 * start["initial"]["test_accuracy"]:.1f}% on this split. Best (accuracy, then loss): {picks}.
 
 {chr(10).join(rows)}
 
