@@ -15,7 +15,7 @@ import torch
 
 from fedft.data import hold_out_server_rows
 from fedft.data.sources import RawData
-from fedft.errors import ConfigError
+from fedft.errors import ConfigError, ModelError
 from fedft.federation.engine import build_task, run_federation
 from fedft.federation.training import evaluate, read_state
 from fedft.methods.fedpt.alpha import best_alpha
@@ -28,6 +28,8 @@ from fedft.methods.fedpt.logits import (
 )
 from fedft.methods.fedpt.proxy import CausalProxy, proxy_generate
 from fedft.metrics import rundir
+from fedft.models.backbone import load_like
+from fedft.models.zero_shot import keep_blocks
 
 from helpers import tiny_config
 
@@ -222,3 +224,25 @@ def test_a_federated_run_scores_the_proxy_the_small_model_and_the_large_model(tm
     assert lines[-1]["large_queries_eval"] < first["large_queries_eval"]
     assert summary["fedpt"]["alpha"] == lines[-1]["alpha"]
     assert len(summary["fedpt"]["alpha_curves"]) == 2
+
+
+def test_layer_drop_keeps_the_chosen_blocks_and_decodes_with_a_cache(pair):
+    task, _ = pair
+    model = load_like(task.model, task.cfg)  # tiny-llama, both blocks
+    second = {k: v.clone() for k, v in model.blocks()[1].state_dict().items()}
+    keep_blocks(model, [1])
+    assert len(model.blocks()) == 1 and model.net.config.num_hidden_layers == 1
+    kept = model.blocks()[0]
+    assert all(torch.equal(v, second[k]) for k, v in kept.state_dict().items())
+    assert kept.self_attn.layer_idx == 0  # renumbered for the key/value cache
+    tokenizer = task.model.preprocess.tokenizer
+    sources = [LocalCausalLM(model.net, tokenizer) for _ in range(2)]
+    prompt = [1, 30, 31, 32]
+    out = proxy_generate(*sources, sources[1], torch.tensor([prompt]), 4, alpha=0.0)
+    seq = list(prompt)
+    for token in out[0, len(prompt) :].tolist():
+        step = {"input_ids": torch.tensor([seq]), "attention_mask": torch.ones(1, len(seq))}
+        assert token == int(by_hand(model.net, step, 1)[0, -1].argmax())
+        seq.append(token)
+    with pytest.raises(ModelError, match="distinct block indices in order"):
+        keep_blocks(load_like(task.model, task.cfg), [1, 0])
