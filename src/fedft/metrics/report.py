@@ -81,15 +81,22 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         )
     steered = summary.get("fedpt")
     if steered:
+        metric = summary.get("headline", "accuracy")
+
+        def final(prefix: str) -> str:
+            return _metric(metric, summary.get(f"{prefix}_final_{metric}"))
+
         rows[4:4] = [
-            ("small model alone (tuned)", _pct(summary.get("small_final_accuracy"))),
-            ("large model alone", _pct(summary.get("large_final_accuracy"))),
+            ("small model alone (tuned)", final("small")),
+            ("large model alone", final("large")),
         ]
-        if summary.get("distilled_final_accuracy") is not None:  # scored apart from the deployed
+        if summary.get(f"distilled_final_{metric}") is not None:  # scored apart from the deployed
             rows[6:6] = [
-                ("after distillation: proxy", _pct(summary["distilled_final_accuracy"])),
-                ("after distillation: small", _pct(summary.get("distilled_small_final_accuracy"))),
+                ("after distillation: proxy", final("distilled")),
+                ("after distillation: small", final("distilled_small")),
             ]
+        chosen = " (chosen on the server's validation rows)" if steered.get("alpha_chosen") else ""
+        rows.append(("steering alpha", f"{steered['alpha']:g}{chosen}"))
         rows.append(
             (
                 "large-model queries (server only)",
