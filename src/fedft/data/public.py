@@ -67,9 +67,8 @@ class PublicDataOptions(BaseModel):
                 f"method.public_data: {self.public_data} has {len(texts)} rows; distillation "
                 "needs more"
             )
-        order = np.random.default_rng(seed).permutation(len(texts))
-        picked = [texts[i] for i in order[: self.public_rows + self.public_heldout]]
-        held = min(self.public_heldout, max(1, len(picked) // 10))
+        order, held = _picked(len(texts), self.public_rows, self.public_heldout, seed)
+        picked = [texts[i] for i in order]
         return PublicTexts(train=picked[held:], heldout=picked[:held])
 
 
@@ -172,6 +171,13 @@ def check_not_clients_data(
         )
 
 
+def _picked(available: int, rows: int, heldout: int, seed: int) -> tuple[np.ndarray, int]:
+    """Up to `rows` + `heldout` row indices in a seeded order, and how many of the first are held
+    out (at most a tenth, at least one)."""
+    order = np.random.default_rng(seed).permutation(available)[: rows + heldout]
+    return order, min(heldout, max(1, len(order) // 10))
+
+
 def load_public(
     source: str,
     column: str,
@@ -202,8 +208,7 @@ def load_public(
         raise DataError(
             f"method.public_data: {source} has {len(table)} rows; distillation needs more"
         )
-    order = np.random.default_rng(seed).permutation(len(table))[: rows + heldout]
-    held = min(heldout, max(1, len(order) // 10))
+    order, held = _picked(len(table), rows, heldout, seed)
     data = encode(table.select(order.tolist()), pre)
     index = torch.arange(len(order))
     return PublicInputs(data, index[held:], index[:held])

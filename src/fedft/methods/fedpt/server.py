@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -133,8 +134,9 @@ class FedPtServer(FedAvgServer):
         self.alpha = best_alpha(curve)
         self.alpha_curves.append({"round": round_number, "alpha": self.alpha, "curve": curve})
         chosen = next(p for p in curve if p["alpha"] == self.alpha)
-        return {"alpha": self.alpha, **{f"alpha_validation_{k}": v for k, v in chosen.items()
-                                        if k != "alpha"}}  # fmt: skip
+        metrics = {"alpha": self.alpha}
+        metrics.update({f"alpha_validation_{k}": v for k, v in chosen.items() if k != "alpha"})
+        return metrics
 
     # --- distillation -------------------------------------------------------------------------
     def _inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -292,13 +294,12 @@ class CausalFedPtServer(FedPtServer):
     large: QueryCounter  # type: ignore[assignment]
     public: PublicTexts | None  # type: ignore[assignment]
 
-    @property
+    @cached_property
     def large_alone(self) -> CausalProxy:
         """The large model by itself: frozen, so scored once (`frozen`) for the whole run."""
-        if getattr(self, "_large_alone", None) is None:
-            self._large_alone = CausalProxy(self.small.task, self.large).eval()
-            self._large_alone.frozen = True
-        return self._large_alone
+        alone = CausalProxy(self.small.task, self.large).eval()
+        alone.frozen = True
+        return alone
 
     def parts(self, tuned: TaskModel) -> Parts:
         proxy = CausalProxy(self.small.task, self.large, tuned, self.untuned, 1.0)
