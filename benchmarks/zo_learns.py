@@ -42,7 +42,7 @@ MINILM = {
 ZERO_SHOT = {"method.name": "zo", "method.start": "zero_shot"}
 EXACT = {**ZERO_SHOT, "method.head": "exact"}
 # the zo-learns-sweep section's pick for all weights with the exact head (on validation rows)
-BODY_LR, HEAD_LR = 1e-5, 1e-1
+BODY_LR, HEAD_LR = 1e-4, 1e-1
 SWEPT = {"train.lr": BODY_LR}
 SWEPT_EXACT = {**EXACT, **SWEPT, "method.head_lr": HEAD_LR}
 DP = {"privacy.mode": "sample", "privacy.delta": 1e-5, "privacy.clip": 2.0}
