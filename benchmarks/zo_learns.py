@@ -24,7 +24,7 @@ from common import (
     write_section,
 )
 
-ROUNDS, PER_ROUND, STEPS = 10, 5, 10
+ROUNDS, PER_ROUND, STEPS = 6, 5, 10
 MINILM = {
     "model.name": "minilm",
     "model.max_length": 32,
@@ -50,7 +50,6 @@ MINILM_RUNS = {
     "zo plain (fresh classifier)": {"method.name": "zo"},
     "zo, zero-shot start": {**ZERO_SHOT, **SWEPT},
     "zo, zero-shot start + exact head": SWEPT_EXACT,
-    "zo, zero-shot + exact head + Rademacher": {**SWEPT_EXACT, "method.distribution": "rademacher"},
     "zo, zero-shot + exact head + sparse 0.75": {**SWEPT_EXACT, "method.sparsity": 0.75},
     "lora (backprop)": {"method.name": "lora"},
     "zo, zero-shot start, DP eps=6": {**ZERO_SHOT, **SWEPT, **DP, "privacy.epsilon": 6},
