@@ -298,9 +298,6 @@ mean-pooled sentence embedding against each label name's ("negative", "positive"
 could join (delta 1e-5). Client peak RSS: one client's round in a fresh process holding only the
 client's model (median of 3), against the same number of forward passes without gradient.
 
-Seconds a round: the first two rows ran beside other benchmarks and the test suite on the 2
-cores (load 3 to 4), the rest nearly alone; accuracy, bytes and memory do not depend on it.
-
 {chr(10).join(rows)}
 
 {chr(10).join(verdicts)}
