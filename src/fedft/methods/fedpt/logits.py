@@ -353,13 +353,6 @@ class QueryCounter:
         self._count(input_ids, answer)
         return answer
 
-    def _cache_argument(self) -> str:
-        return (
-            "cache"
-            if "cache" in inspect.signature(self.net.forward).parameters
-            else "past_key_values"
-        )
-
     def begin_decoding(self) -> None:
         getattr(self.source, "begin_decoding", lambda: None)()
 

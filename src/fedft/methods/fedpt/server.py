@@ -139,6 +139,14 @@ class FedPtServer(FedAvgServer):
         return metrics
 
     # --- distillation -------------------------------------------------------------------------
+    def _student(self) -> tuple[list[str], list[nn.Parameter], torch.optim.Optimizer]:
+        """The small model's trained tensors made trainable for distillation, and their Adam."""
+        names = list(self.global_state)
+        params = list(parameters_by_name(self.small, names).values())
+        for param in params:
+            param.requires_grad_(True)
+        return names, params, torch.optim.Adam(params, lr=self.options.distill_lr)
+
     def _inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         assert self.public is not None
         return {k: v.to(self.device) for k, v in self.public.data.batch(rows).items()}
@@ -175,11 +183,7 @@ class FedPtServer(FedAvgServer):
         by_row = dict(zip(rows.tolist(), targets, strict=True))
         held_targets = torch.stack([by_row[r] for r in p.heldout.tolist()])
         before = self._heldout_kl(p.heldout, held_targets)
-        names = list(self.global_state)
-        params = list(parameters_by_name(self.small, names).values())
-        for param in params:
-            param.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=o.distill_lr)
+        names, params, optimizer = self._student()
         generator = torch.Generator().manual_seed(self.cfg.seed + round_number)
         self.small.train()
         torch.manual_seed(self.cfg.seed + round_number)  # dropout
@@ -358,7 +362,6 @@ class CausalFedPtServer(FedPtServer):
 
     def distil(self, round_number: int) -> dict[str, float]:
         assert self.public is not None and self.deployed is not None
-        o = self.options
         started = time.perf_counter()
         write_state(self.deployed, self.global_state)  # the teacher's small model: the aggregate
         teacher = CausalProxy(
@@ -368,11 +371,7 @@ class CausalFedPtServer(FedPtServer):
         held = self._continuations(teacher, self.public.heldout)
         write_state(self.small, self.global_state)
         before = self._heldout_kl(teacher, held)
-        names = list(self.global_state)
-        params = list(parameters_by_name(self.small, names).values())
-        for param in params:
-            param.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=o.distill_lr)
+        names, params, optimizer = self._student()
         order = torch.Generator().manual_seed(self.cfg.seed + round_number)
         self.small.train()
         bar = tqdm(
