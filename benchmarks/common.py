@@ -103,7 +103,7 @@ def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, li
     if done.returncode != 0:
         raise SystemExit(f"[bench] {name} failed:\n{done.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    summary["lr"] = run_lr(run_dir)  # not in summary.json: read back from the run's config.yaml
+    summary["lr"] = run_lr(run_dir)  # older runs have none in summary.json
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     headline = summary.get("headline", "accuracy")
     print(
@@ -114,17 +114,19 @@ def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, li
 
 
 def run_lr(run_dir: Path) -> float:
-    """The client learning rate a finished run used, read from its own config.yaml: `train.lr`,
-    or where that is null the default of the run's method, resolved by fedft's method registry
-    exactly as the run resolved it. A config written by an older fedft (a field since renamed)
-    is read for its `method` and `train` sections only, which are what the learning rate is made
-    of."""
+    """The client learning rate a finished run used: its summary.json's `lr`; for a run by an
+    older fedft, which did not record it, from its config.yaml: `train.lr`, or where that is null
+    the default of the run's method, resolved by fedft's method registry (a config with a field
+    since renamed is read for its `method` and `train` sections only)."""
     import yaml
 
     from fedft.config import validate_config
     from fedft.errors import ConfigError
     from fedft.methods import get_method
 
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("lr") is not None:  # what the run itself used (auto options resolved)
+        return float(summary["lr"])
     tree = yaml.safe_load((run_dir / "config.yaml").read_text())
     try:
         cfg = validate_config(tree)

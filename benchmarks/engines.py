@@ -78,7 +78,7 @@ def flower_job(name: str, out_dir: Path, simulation: bool) -> tuple[dict, float,
     finally:
         fed.stop()
     summary = json.loads((out_dir / name / "summary.json").read_text())
-    summary["lr"] = run_lr(out_dir / name)  # from the run's own config.yaml
+    summary["lr"] = run_lr(out_dir / name)
     print(f"[bench] {name}: accuracy {summary['final_accuracy']:.4f}, {wall:.0f} s", flush=True)
     return summary, wall, memory.peak
 

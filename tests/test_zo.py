@@ -41,8 +41,13 @@ class SoftmaxRegression(nn.Module):
         return self.linear(batch["x"])
 
 
+# SPSA alone on a fresh classifier: what these tests take apart (the defaults' zero-shot start and
+# exact head are tests/test_zo_variants.py's)
+PLAIN = {"method.start": "task", "method.head": "zo"}
+
+
 def zo_task(tmp_path: Path, **sets):
-    return build_task(tiny_config(tmp_path, "zo", **sets))
+    return build_task(tiny_config(tmp_path, "zo", **{**PLAIN, **sets}))
 
 
 def one_round(task, clients: list[int], round_number: int = 1):

@@ -96,7 +96,9 @@ def test_directions_are_the_same_on_every_device_present(distribution: str):
 
 
 def test_the_exact_head_gradient_is_autograds(tmp_path: Path):
-    task = build_task(tiny_config(tmp_path, "zo", **{"method.head": "exact"}))
+    task = build_task(
+        tiny_config(tmp_path, "zo", **{"method.start": "task", "method.head": "exact"})
+    )
     model, names = task.model, task.method.head_names
     assert names == ["net.classifier.weight", "net.classifier.bias"]
     assert not any(n in task.method.body_names for n in names)
@@ -140,11 +142,49 @@ def test_exact_head_refusals(tmp_path: Path):
         build_task(tiny_config(tmp_path, "zo", **{"method.head": "exact", "method.params": "head"}))
 
 
+LABEL_WORDS = {  # tiny-llama on classification rows: label words scored by its LM head
+    "data.source": "demo",
+    "data.label_column": "label",
+    "data.max_train_samples": 64,
+    "data.max_test_samples": 16,
+    "data.partition": "iid",
+    "model.max_length": 64,
+}
+DP = {"privacy.mode": "sample", "privacy.epsilon": 8}
+
+
+@pytest.mark.parametrize(
+    ("llama", "sets", "start", "head", "lr", "head_lr"),
+    [
+        (False, {}, "zero_shot", "exact", 1e-4, 1e-1),
+        (False, DP, "zero_shot", "zo", 1e-4, None),  # the exact head has no DP mechanism
+        (False, {"method.params": "head"}, "zero_shot", "zo", 1e-3, None),
+        (False, {"method.params": "lora"}, "zero_shot", "exact", 3e-3, 1e-1),
+        (False, {"method.start": "task"}, "task", "exact", 1e-4, 1e-1),
+        (False, {"method.start": "task", "method.head": "zo"}, "task", "zo", 3e-3, None),
+        (True, {**LABEL_WORDS, "method.params": "lora"}, "task", "exact", 3e-3, 1e-2),
+        (True, {"method.params": "lora"}, "task", "zo", 3e-3, None),  # generation: no label rows
+    ],
+)
+def test_zo_defaults_are_the_benchmarks_best_variant_where_the_run_allows_it(
+    tmp_path: Path, llama: bool, sets: dict, start: str, head: str, lr: float, head_lr: float
+):
+    """`--method zo` alone: a meaningful start (an encoder's zero-shot head; a causal LM's label
+    words are one already) and the exact head, with the swept learning rates."""
+    cfg = (tiny_llama_config if llama else tiny_config)(tmp_path, "zo", **sets)
+    task = build_task(cfg)
+    assert task.method.choices() == {"start": start, "head": head, "head_lr": head_lr}
+    assert task.method.lr(cfg) == lr
+    assert bool(task.method.head_names) == (head == "exact")
+    if start == "zero_shot":
+        assert isinstance(head_module(task.model.net)[1], CosineHead)
+
+
 @pytest.mark.parametrize(
     "sets",
     [
         {"method.head": "exact", "method.start": "zero_shot"},
-        {"method.distribution": "rademacher", "method.sparsity": 0.5},
+        {"method.head": "zo", "method.distribution": "rademacher", "method.sparsity": 0.5},
         {"method.head": "exact", "method.params": "lora", "method.distribution": "rademacher"},
     ],
     ids=["exact-zero-shot", "rademacher-sparse", "exact-lora-rademacher"],
@@ -170,6 +210,8 @@ def test_seeds_mode_rounds_replay_exactly_and_send_what_they_say(tmp_path: Path,
         lock.release()
     lines = rundir.read_metrics(run_dir)
     assert summary["failed_client_updates"] == 0
+    assert summary["method_choices"] == task.method.choices()  # what ran, beside the config
+    assert summary["lr"] == task.method.lr(cfg)
     caught_up = [c for m in lines[1:] for c in m["clients"] if c not in lines[0]["clients"]]
     assert caught_up  # someone synced from records or the whole state, and it checked out
     params = dict(task.model.named_parameters())
@@ -182,16 +224,7 @@ def test_seeds_mode_rounds_replay_exactly_and_send_what_they_say(tmp_path: Path,
 def test_a_causal_lms_label_word_rows_train_by_exact_gradients(tmp_path: Path):
     """On label words, the exact head is the LM head's rows of the label words' tokens, kept as a
     parameter of their own: the model starts as it was, and their gradient is autograd's."""
-    sets = {
-        "data.source": "demo",
-        "data.label_column": "label",
-        "data.max_train_samples": 64,
-        "data.max_test_samples": 16,
-        "data.partition": "iid",
-        "model.max_length": 64,
-        "method.params": "lora",
-        "method.head": "exact",
-    }
+    sets = {**LABEL_WORDS, "method.params": "lora", "method.head": "exact"}
     task = build_task(tiny_llama_config(tmp_path, "zo", **sets))
     model = task.model
     assert task.method.head_names == ["label_head.rows"]

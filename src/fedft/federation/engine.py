@@ -332,6 +332,8 @@ def make_summary(
         "best_accuracy": best.get("test_accuracy") if best else None,
         f"best_{objective.headline}": best[key] if best else None,
         "best_round": best["round"] if best else None,
+        "lr": task.method.lr(task.cfg),
+        "method_choices": task.method.choices(),
         "trainable_params": task.trainable_params,
         "trainable_bytes": task.trainable_bytes,
         "bytes_up_per_client_per_round": _mean([m["bytes_up_per_client"] for m in history]),

@@ -112,6 +112,11 @@ class Method:
     def lr(self, cfg: RunConfig) -> float:
         return cfg.train.lr if cfg.train.lr is not None else self.default_lr
 
+    def choices(self) -> dict[str, Any]:
+        """What the method's `auto` options resolved to for this run's model and privacy, once
+        prepared (summary.json keeps them beside the config, which says only `auto`)."""
+        return {}
+
     # --- client side ---------------------------------------------------------------------------
     def client_handlers(self) -> dict[str, Handler]:
         return {"train": self.client_train, "evaluate": self.client_evaluate}

@@ -65,6 +65,10 @@ DEFAULT_LR = {  # all and lora: `benchmarks/run.py zo-sweep` (docs/benchmarks.md
     "prompt": 1e-3,
     "lora": 3e-3,
 }
+# All weights under a head that is already meaningful (zero-shot, or trained exactly): the body
+# only refines, and 3e-3 (a fresh head's pick) throws the start away. `zo-learns-sweep`.
+SETTLED_HEAD_LR_ALL = 1e-4
+DEFAULT_HEAD_LR = {"encoder": 1e-1, "causal": 1e-2}  # zo-learns-sweep, zo-learns-smollm2's sweep
 NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
 SYNCED = "synced."  # client-state prefix of the parameters it last synced
 HEAD = "head."  # payload prefix of an exact head's tensors (they travel whole)
@@ -110,19 +114,23 @@ class ZoOptions(BaseModel):
         description="Sparse-MeZO: share of each matrix's entries (the largest in magnitude) left "
         "unperturbed (0: perturb all)",
     )
-    start: Literal["task", "zero_shot"] = Field(
-        "task",
+    start: Literal["auto", "task", "zero_shot"] = Field(
+        "auto",
         description="the head to start from: the task's (a fresh classifier; a causal LM's label "
-        "words) or, for a text encoder, a zero-shot head over the label names' embeddings",
+        "words) or, for a text encoder, a zero-shot head over the label names' embeddings; auto: "
+        "zero_shot for a text encoder, task otherwise",
     )
     label_template: str = Field("{}", description="start=zero_shot: text embedded for each label")
     zero_shot_scale: float = Field(20.0, gt=0, description="start=zero_shot: logit scale")
-    head: Literal["zo", "exact"] = Field(
-        "zo",
+    head: Literal["auto", "zo", "exact"] = Field(
+        "auto",
         description="the classifier head: by SPSA with the rest, or by exact gradients from the "
-        "hidden state that reaches it (no backward pass through the body)",
+        "hidden state that reaches it (no backward pass through the body); auto: exact where "
+        "the run allows it (no DP, a classification head or label words), else zo",
     )
-    head_lr: float = Field(1e-2, gt=0, description="head=exact: SGD learning rate of the head")
+    head_lr: float | None = Field(
+        None, gt=0, description="head=exact: SGD learning rate of the head (None: swept default)"
+    )
 
 
 @register
@@ -139,6 +147,11 @@ class Zo(Method):
         self._initial_file: Path | None = None
         self.shared_copy: SyncedCopy | None = None  # this process's clients' shared synced version
         self.head_names: list[str] = []  # head=exact: trained by exact gradients, sent whole
+        # `start` and `head` as this run resolved them (auto decided by the model and privacy)
+        self.start: str = self.options.start
+        self.head: str = self.options.head
+        self.private = False
+        self.generative = False
         self.body_names: list[str] = []  # the parameters SPSA perturbs (seeds and scalars)
 
     @classmethod
@@ -156,6 +169,7 @@ class Zo(Method):
 
     def check_run(self, cfg: RunConfig) -> None:
         o = self.options
+        self.private = cfg.privacy.mode != "none"
         if o.head == "exact" and cfg.privacy.mode != "none":
             raise ConfigError(
                 f"privacy.mode={cfg.privacy.mode}: zo's exact head gradients would need a "
@@ -174,15 +188,41 @@ class Zo(Method):
 
     # --- what trains -------------------------------------------------------------------------
     def attach(self, model: TaskModel) -> None:
-        if self.options.start == "zero_shot":
-            make_zero_shot(model, self.options.label_template, self.options.zero_shot_scale)
+        o = self.options
+        self.generative = model.generative
+        self.start = o.start
+        if o.start == "auto":  # a causal LM's label words are its zero-shot answer already
+            self.start = "zero_shot" if model.kind == "text" and not model.generative else "task"
+        if self.start == "zero_shot":
+            make_zero_shot(model, o.label_template, o.zero_shot_scale)
         self.inner.attach(model)
-        if self.options.head == "exact" and model.generative:
+        self.head = o.head if o.head != "auto" else self._auto_head(model)
+        if self.head == "exact" and model.generative:
             self.lm_head = attach_label_rows(model)
+
+    def _auto_head(self, model: TaskModel) -> str:
+        """Exact where it is offered: not under DP (it has no mechanism of its own), not when the
+        head is all that trains, and only where there is a head to train (a classifier, or a
+        causal LM's label words)."""
+        if self.private or self.options.params == "head":
+            return "zo"
+        if model.generative:
+            return "exact" if getattr(model.task, "mode", None) == "labels" else "zo"
+        return "exact" if head_module(model.net) is not None else "zo"
+
+    def choices(self) -> dict[str, Any]:
+        return {"start": self.start, "head": self.head, "head_lr": self.head_lr()}
+
+    def head_lr(self) -> float | None:
+        if self.head != "exact":
+            return None
+        if self.options.head_lr is not None:
+            return self.options.head_lr
+        return DEFAULT_HEAD_LR["causal" if self.generative else "encoder"]
 
     def select_trainable(self, model: TaskModel) -> list[str]:
         names = self.inner.select_trainable(model)
-        if self.options.head == "exact" and model.generative:
+        if self.head == "exact" and model.generative:
             names = [*names, LABEL_ROWS]
         return names
 
@@ -191,9 +231,9 @@ class Zo(Method):
         for param in model.parameters():  # nothing ever needs a gradient
             param.requires_grad_(False)
         self.head_names = []
-        if self.options.head == "exact" and model.generative:
+        if self.head == "exact" and model.generative:
             self.head_names = [LABEL_ROWS]
-        elif self.options.head == "exact":
+        elif self.head == "exact":
             found = head_module(model.net)
             if found is None:
                 raise ModelError(
@@ -223,7 +263,11 @@ class Zo(Method):
         return load_file(str(self._initial_file))
 
     def lr(self, cfg: RunConfig) -> float:
-        return cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR[self.options.params]
+        if cfg.train.lr is not None:
+            return cfg.train.lr
+        if self.options.params == "all" and (self.start == "zero_shot" or self.head == "exact"):
+            return SETTLED_HEAD_LR_ALL
+        return DEFAULT_LR[self.options.params]
 
     def round_lr(self, cfg: RunConfig, round_number: int) -> float:
         base = self.lr(cfg)
@@ -255,7 +299,9 @@ class Zo(Method):
             assert found is not None
             module = found[1]
         params = list(parameters_by_name(model, self.head_names).values())
-        return ExactHead(module, params, self.options.head_lr, model.task)
+        lr = self.head_lr()
+        assert lr is not None
+        return ExactHead(module, params, lr, model.task)
 
     def local_round(self, ctx: ClientContext) -> tuple[ZoSteps, dict[str, Any]]:
         """Run this round's ZO steps on the model as it stands; the steps and the DP scalars."""
