@@ -180,6 +180,46 @@ def test_el2n_pruning_keeps_the_highest_scores(tmp_path: Path):
     np.testing.assert_allclose(got, (probs - onehot).norm(dim=-1).numpy(), rtol=1e-5)
 
 
+def test_class_balanced_pruning_keeps_the_share_of_each_class():
+    """Where one class holds every high score, a global cut keeps that class alone; per class,
+    each label keeps ceil(share * its rows), its own highest, all highest first."""
+    rng = np.random.default_rng(1)
+    labels = rng.permutation(np.array([0] * 20 + [1] * 9))
+    scores = rng.random(29) + (labels == 0)  # every row of class 0 scores above class 1's
+    rows = np.arange(300, 329)
+    assert set(labels[keep_highest(rows, scores, 0.5) - 300]) == {0}
+    kept = keep_highest(rows, scores, 0.5, labels)
+    for label, share in ((0, 10), (1, 5)):
+        members = rows[labels == label]
+        best = members[np.argsort(-scores[labels == label])][:share]
+        assert sorted(r for r in kept if labels[r - 300] == label) == sorted(best)
+    assert list(scores[kept - 300]) == sorted(scores[kept - 300], reverse=True)
+
+
+def test_warm_up_rounds_keep_every_row_then_pruning_starts(tmp_path: Path):
+    sets = {
+        "method.keep_fraction": 0.5,
+        "method.prune_warmup_rounds": 1,
+        "method.prune_per_class": True,
+        "federation.rounds": 2,
+    }
+    cfg = sf_config(tmp_path, **sets)
+    task = build_task(cfg)
+    run_dir = Path(cfg.output_dir) / "warm"
+    rundir.start_run_dir(run_dir, "{}", overwrite=False)
+    run_federation(task, run_dir)
+    first, second = rundir.read_metrics(run_dir)
+    clients = [task.data.clients[c].train for c in (0, 1)]
+    assert first["kept_examples"] == sum(len(rows) for rows in clients)
+    labels = task.data.train.labels
+    per_class = [
+        math.ceil(0.5 * int((labels[rows] == label).sum()))
+        for rows in clients
+        for label in labels[rows].unique().tolist()
+    ]
+    assert second["kept_examples"] == sum(per_class)
+
+
 def test_a_round_reports_activation_and_parameter_bytes_apart(tmp_path: Path):
     cfg = sf_config(tmp_path, **{"method.keep_fraction": 0.5, "method.chunk_batches": 2})
     task = build_task(cfg)

@@ -42,6 +42,16 @@ class SfPromptOptions(BaseModel):
         le=1,
         description="EL2N pruning: share of rows kept for phase 1 and split training (1: off)",
     )
+    prune_per_class: bool = Field(
+        False,
+        description="EL2N keeps keep_fraction of each label's rows, not of all rows (early on "
+        "the hardest rows of a binary task are mostly one class)",
+    )
+    prune_warmup_rounds: int = Field(
+        0,
+        ge=0,
+        description="first rounds that keep every row (an untrained head's EL2N says little)",
+    )
     local_epochs: int = Field(
         1, ge=0, description="phase 1: epochs on the local loss that skips the body (0: off)"
     )

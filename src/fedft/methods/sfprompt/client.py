@@ -138,8 +138,7 @@ class SplitClient:
         write_state(self.model, payload.tensors)
         rows = ctx.train_rows
         self.relay.mode = "skip"
-        scores = el2n_scores(self.model, ctx.data.train, rows, cfg.train.batch_size * 4, ctx.device)
-        kept = keep_highest(rows, scores, self.options.keep_fraction)
+        kept = self.prune(rows)
         phase1 = kept if self.options.phase1_rows == "kept" else rows
         loss_sum, seen = self.local_loss_phase(phase1)
         sampler = torch.Generator().manual_seed(derived_seed(ctx.seed, 2))
@@ -161,6 +160,17 @@ class SplitClient:
         )
         self.save()
         return reply
+
+    def prune(self, rows: np.ndarray) -> np.ndarray:
+        """The rows this round trains on: EL2N's highest share (overall or of each label), or
+        every row while pruning is off or still warming up."""
+        ctx, o = self.ctx, self.options
+        if o.keep_fraction >= 1 or ctx.round <= o.prune_warmup_rounds:
+            return rows
+        size = ctx.cfg.train.batch_size * 4
+        scores = el2n_scores(self.model, ctx.data.train, rows, size, ctx.device)
+        labels = ctx.data.train.labels[rows].numpy() if o.prune_per_class else None
+        return keep_highest(rows, scores, o.keep_fraction, labels)
 
     def local_loss_phase(self, rows: np.ndarray) -> tuple[float, int]:
         """Phase 1: prompts and tail on tail(head(x)), no network."""

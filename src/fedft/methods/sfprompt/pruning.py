@@ -28,8 +28,21 @@ def el2n_scores(
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
 
-def keep_highest(rows: np.ndarray, scores: np.ndarray, fraction: float) -> np.ndarray:
-    """The ceil(fraction * n) rows with the highest scores, highest first (ties: row order)."""
-    keep = math.ceil(fraction * len(rows))
-    order = np.argsort(-scores, kind="stable")[:keep]
-    return rows[order]
+def keep_highest(
+    rows: np.ndarray, scores: np.ndarray, fraction: float, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """The ceil(fraction * n) rows with the highest scores, highest first (ties: row order).
+
+    With `labels` (one per row), the same share of each class instead: ceil(fraction * n_c) of
+    class c's rows. Early in training the rows a model gets most wrong are mostly one class (on a
+    binary task, the class its head leans away from), so a global cut can keep one class only."""
+    if labels is None:
+        keep = math.ceil(fraction * len(rows))
+        return rows[np.argsort(-scores, kind="stable")[:keep]]
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep = math.ceil(fraction * len(members))
+        chosen.append(members[np.argsort(-scores[members], kind="stable")[:keep]])
+    picked = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    return rows[picked[np.argsort(-scores[picked], kind="stable")]]
