@@ -20,7 +20,7 @@ from fedft.federation.training import parameters_by_name, read_state, write_stat
 from fedft.metrics import rundir
 from fedft.privacy import MechanismPlan, plan_client
 from fedft.privacy.client_level import noisy_mean_update, round_participants
-from fedft.privacy.dp_sgd import PrivateSteps
+from fedft.privacy.dp_sgd import PrivateSteps, uses_ghost_clipping
 from fedft.privacy.noise import SecretRandom, SeededRandom
 
 from helpers import CrashAfter, assert_same_global_state, shared_dataset, tiny_config
@@ -66,14 +66,16 @@ def first_batch(task: Task, size: int) -> dict[str, torch.Tensor]:
     return task.data.train.batch(task.data.clients[0].train[:size])
 
 
+@pytest.mark.parametrize("clipping", ["per_example", "ghost"])
 @pytest.mark.parametrize(("method", "model", "sets"), CASES)
 def test_dp_sgd_step_is_the_mean_of_per_example_gradients_clipped_to_c(
-    tmp_path: Path, method, model, sets
+    tmp_path: Path, method, model, sets, clipping: str
 ):
+    """Both ways of clipping: each example's gradient materialized, or only its norm (ghost
+    clipping) and then one backward pass of the clipped losses' sum."""
     clip = 0.05  # small enough that some examples are clipped and the clipped norm is exact
-    task = dp_task(
-        tmp_path, method, model, **{"train.optimizer": "sgd", "privacy.clip": clip, **sets}
-    )
+    sets = {"train.optimizer": "sgd", "privacy.clip": clip, "privacy.clipping": clipping, **sets}
+    task = dp_task(tmp_path, method, model, **sets)
     no_dropout(task.model)
     batch = first_batch(task, 6)
     moved = one_sgd_step(task, batch, noise_multiplier=0.0)
@@ -100,6 +102,19 @@ def test_dp_sgd_step_is_the_mean_of_per_example_gradients_clipped_to_c(
     norm_one = math.sqrt(sum(float(t.square().sum()) for t in moved_one.values()))
     assert norm_one <= clip * (1 + 1e-5)
     assert norm_one == pytest.approx(min(norms[0], clip), rel=1e-4)
+
+
+def test_auto_clipping_takes_ghost_norms_where_per_example_gradients_would_pass_a_gigabyte(
+    tmp_path: Path,
+):
+    cfg = dp_task(tmp_path, "lora").cfg
+    params = [nn.Parameter(torch.zeros(1000))]  # 4 kB a gradient
+    assert not uses_ghost_clipping(cfg, params, 250_000.0)  # 1.0 GB: not past it
+    assert uses_ghost_clipping(cfg, params, 250_001.0)
+    forced = cfg.model_copy(
+        update={"privacy": cfg.privacy.model_copy(update={"clipping": "ghost"})}
+    )
+    assert uses_ghost_clipping(forced, params, 1.0)
 
 
 def test_dp_sgd_noise_has_the_calibrated_standard_deviation(tmp_path: Path):

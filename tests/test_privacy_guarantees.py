@@ -208,12 +208,17 @@ def test_client_level_logs_hold_no_participants_and_no_unnoised_client_statistic
 
 
 # --- epsilon against dp-accounting -------------------------------------------------------------
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_sample_level_epsilon_agrees_with_dp_accounting(tmp_path: Path, accountant: str):
+@pytest.mark.parametrize(
+    ("accountant", "clipping"), [("rdp", "per_example"), ("prv", "per_example"), ("rdp", "ghost")]
+)
+def test_sample_level_epsilon_agrees_with_dp_accounting(
+    tmp_path: Path, accountant: str, clipping: str
+):
     sets = {
         "privacy.mode": "sample",
         "privacy.epsilon": 4.0,
         "privacy.accountant": accountant,
+        "privacy.clipping": clipping,
         "federation.rounds": 3,
     }
     task = build_task(tiny_config(tmp_path, "lora", **sets))

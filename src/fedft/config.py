@@ -248,6 +248,15 @@ class PrivacyConfig(Section):
         ),
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
+    clipping: Literal["auto", "per_example", "ghost"] = Field(
+        "auto",
+        description=(
+            "'sample' DP-SGD: 'per_example' materializes each example's gradient (Opacus "
+            "GradSampleModule); 'ghost' computes only their norms and backpropagates twice "
+            "(Opacus ghost clipping: memory of a plain step, about twice its time); auto: ghost "
+            "where the per-example gradients would pass 1 GB"
+        ),
+    )
     reproducible_noise_not_private: bool = Field(
         False,
         description=(

@@ -23,10 +23,18 @@ import warnings
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.grad_sample import register_grad_sampler
-from opacus.grad_sample.embedding import compute_embedding_grad_sample
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import (
+    GradSampleModuleFastGradientClipping,
+    register_grad_sampler,
+    register_norm_sampler,
+)
+from opacus.grad_sample.embedding import (
+    compute_embedding_grad_sample,
+    compute_embedding_norm_sample,
+)
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from fedft.config import RunConfig
@@ -50,6 +58,21 @@ def embedding_grad_sample(
     if layer.padding_idx is not None and layer.weight in out:
         out[layer.weight][:, layer.padding_idx] = 0
     return out
+
+
+@register_norm_sampler(nn.Embedding)
+def embedding_norm_sample(
+    layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Ghost clipping's per-example embedding gradient norms, without the `padding_idx` row
+    (which the backward pass leaves at zero, as above): the positions that look it up contribute
+    nothing, so their backprops are zeroed first. Counting that row would clip harder than the
+    gradient applied, which is safe but not the mechanism the accountant describes."""
+    ids = activations[0].contiguous()  # Opacus views them flat; HF expands token type ids
+    if layer.padding_idx is not None:
+        keep = (ids != layer.padding_idx).unsqueeze(-1).to(backprops.dtype)
+        backprops = backprops * keep
+    return compute_embedding_norm_sample(layer, [ids, *activations[1:]], backprops)
 
 
 def dp_scalars(plan: MechanismPlan, steps: int) -> dict[str, float | int]:
@@ -88,13 +111,14 @@ class ExpandSharedIndices:
             handle.remove()
 
 
-class SourcedDPOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer with its Gaussian noise drawn from a `RandomSource` (secret by
-    default) instead of a torch generator; clipping, summing and scaling stay Opacus's."""
+class SourcedNoise:
+    """An Opacus optimizer's Gaussian noise drawn from a `RandomSource` (secret by default)
+    instead of a torch generator; clipping, summing and scaling stay Opacus's."""
 
-    def __init__(self, *args, source: RandomSource, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.source = source
+    source: RandomSource
+    params: list[nn.Parameter]
+    noise_multiplier: float
+    max_grad_norm: float
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -104,6 +128,33 @@ class SourcedDPOptimizer(DPOptimizer):
             noise = self.source.normal(summed.shape, std, summed.dtype, summed.device)
             p.grad = (summed + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+class SourcedDPOptimizer(SourcedNoise, DPOptimizer):
+    def __init__(self, *args, source: RandomSource, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+
+class SourcedGhostOptimizer(SourcedNoise, DPOptimizerFastGradientClipping):
+    """The optimizer of ghost clipping: the gradient it receives is already the sum of the
+    clipped per-example gradients (the second backward pass)."""
+
+    def __init__(self, *args, source: RandomSource, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+
+GHOST_ABOVE_BYTES = 1e9  # clipping=auto: per-example gradients past this take ghost clipping
+
+
+def uses_ghost_clipping(cfg: RunConfig, params: list[nn.Parameter], expected_batch: float) -> bool:
+    """Whether a round clips by ghost norms: asked for, or (auto) where one float32 gradient per
+    expected example of the trainable tensors would pass `GHOST_ABOVE_BYTES`."""
+    if cfg.privacy.clipping != "auto":
+        return cfg.privacy.clipping == "ghost"
+    per_example = 4 * sum(p.numel() for p in params)
+    return per_example * max(expected_batch, 1.0) > GHOST_ABOVE_BYTES
 
 
 class PrivateSteps:
@@ -125,16 +176,28 @@ class PrivateSteps:
 
     def __enter__(self) -> PrivateSteps:
         self.shared = ExpandSharedIndices(self.model)
-        self.wrapped = GradSampleModule(
-            self.model, batch_first=True, loss_reduction="mean", strict=True
-        )
-        self.optimizer = SourcedDPOptimizer(
-            make_optimizer(self.params, self.cfg.train, self.lr),
-            noise_multiplier=self.plan.noise_multiplier,
-            max_grad_norm=self.cfg.privacy.clip,
-            expected_batch_size=self.plan.expected_batch,
-            source=dp_random(self.cfg.privacy, self.seed, NOISE_TAG),
-        )
+        self.ghost = uses_ghost_clipping(self.cfg, self.params, self.plan.expected_batch)
+        options = {
+            "noise_multiplier": self.plan.noise_multiplier,
+            "max_grad_norm": self.cfg.privacy.clip,
+            "expected_batch_size": self.plan.expected_batch,
+            "source": dp_random(self.cfg.privacy, self.seed, NOISE_TAG),
+        }
+        inner = make_optimizer(self.params, self.cfg.train, self.lr)
+        if self.ghost:
+            self.wrapped = GradSampleModuleFastGradientClipping(
+                self.model,
+                batch_first=True,
+                loss_reduction="mean",
+                max_grad_norm=self.cfg.privacy.clip,
+                use_ghost_clipping=True,
+            )
+            self.optimizer = SourcedGhostOptimizer(inner, **options)
+        else:
+            self.wrapped = GradSampleModule(
+                self.model, batch_first=True, loss_reduction="mean", strict=True
+            )
+            self.optimizer = SourcedDPOptimizer(inner, **options)
         return self
 
     def step(self, batch: dict[str, torch.Tensor] | None) -> float:
@@ -143,14 +206,22 @@ class PrivateSteps:
         loss_sum = 0.0
         if batch is None:
             for p in self.params:
-                p.grad_sample = p.new_zeros((0, *p.shape))
+                if self.ghost:  # the optimizer sums p.grad: nothing to sum
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
         else:
             self.shared.batch_size = len(batch["labels"])
-            loss = task_of(self.model).loss(self.wrapped(batch), batch)
+            losses = task_of(self.model).example_losses(self.wrapped(batch), batch)
             with warnings.catch_warnings():  # Opacus's hooks on a frozen-input module: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            loss_sum = float(loss.detach()) * len(batch["labels"])
+                if self.ghost:  # norms, then the backward of the clipped losses' sum
+                    DPTensorFastGradientClipping(
+                        self.wrapped, self.optimizer, losses, "mean"
+                    ).backward()
+                else:
+                    losses.mean().backward()
+            loss_sum = float(losses.detach().sum())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
@@ -160,8 +231,9 @@ class PrivateSteps:
         self.shared.close()
         for p in self.params:
             p.grad = None
-            if hasattr(p, "summed_grad"):
-                del p.summed_grad
+            for attr in ("summed_grad", "_norm_sample", "_forward_counter"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
 
 
 def train_privately(
