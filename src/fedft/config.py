@@ -187,6 +187,11 @@ class FederationConfig(Section):
         None,
         description="score the untuned model before round 1 (None: for generation only)",
     )
+    count_flops: bool = Field(
+        False,
+        description="count each client's floating-point operations (torch's FlopCounterMode: "
+        "matmuls, convolutions, attention; not elementwise ops) into the metrics",
+    )
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = Field(
         "fedavg", description="how the server applies the mean update"
     )

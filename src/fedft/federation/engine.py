@@ -149,6 +149,7 @@ def merge_by_client(replies: list[Reply]) -> list[Reply]:
         c.seconds += r.cost.seconds
         c.peak_rss_bytes = max(c.peak_rss_bytes, r.cost.peak_rss_bytes)
         c.peak_cuda_bytes = max(c.peak_cuda_bytes, r.cost.peak_cuda_bytes)
+        c.flops += r.cost.flops
         m.payload = r.payload if r.payload is not None else m.payload
         m.error = m.error or r.error
     return list(merged.values())
@@ -176,6 +177,8 @@ def round_line(
     totals.peak_cuda_bytes = max(totals.peak_cuda_bytes, peak_cuda)
     failed = [{"client": r.client, "error": r.error} for r in replies if not r.ok]
     totals.failures += len(failed)
+    counted = any(r.cost.flops for r in replies)  # federation.count_flops
+    flops = {"client_flops_mean": _mean([r.cost.flops for r in ok])} if counted else {}
     return {
         "round": round_number,
         "clients": [r.client for r in replies],
@@ -197,6 +200,7 @@ def round_line(
         "client_seconds_max": max((r.cost.seconds for r in replies), default=0.0),
         "client_peak_rss_mb": peak_rss / MB,
         "client_peak_cuda_mb": peak_cuda / MB,
+        **flops,
         "per_client": [
             {
                 "client": r.client,
@@ -204,6 +208,7 @@ def round_line(
                 "bytes_up": r.cost.bytes_up,
                 "seconds": round(r.cost.seconds, 4),
                 "peak_rss_mb": round(r.cost.peak_rss_bytes / MB, 1),
+                **({"flops": r.cost.flops} if counted else {}),
                 "num_examples": (r.payload.scalars.get("num_examples") if r.payload else None),
                 "error": r.error,
             }
@@ -342,6 +347,12 @@ def make_summary(
         "total_mb": totals.bytes / MB,
         "client_peak_rss_mb": totals.peak_rss_bytes / MB,
         "client_peak_cuda_mb": totals.peak_cuda_bytes / MB,
+        # federation.count_flops: a client's floating-point operations in a round, mean
+        "client_flops_per_round": (
+            _mean([m["client_flops_mean"] for m in history])
+            if history and all("client_flops_mean" in m for m in history)
+            else None
+        ),
         "seconds": totals.elapsed_seconds,
         "seconds_per_round": totals.elapsed_seconds / len(history) if history else 0.0,
         # None under client-level DP, whose lines withhold the participants' timings

@@ -163,6 +163,7 @@ class FlowerGrid:
             cost.seconds = float(measured.get("seconds", 0.0))
             cost.peak_rss_bytes = int(measured.get("peak_rss_bytes", 0))
             cost.peak_cuda_bytes = int(measured.get("peak_cuda_bytes", 0))
+            cost.flops = int(measured.get("flops", 0))
             replies.append(Reply(m.client, m.kind, payload, None, cost))
         order = {m.client: i for i, m in enumerate(messages)}
         return sorted(replies + missing, key=lambda r: order[r.client])
@@ -371,7 +372,7 @@ def _reply(msg: Message, context: Context) -> Message:
     # shared by many virtual clients does not keep a copy of each one's state.
     runtime.states[client] = load_client_state(context.state)
     try:
-        with measure(runtime.device) as m:
+        with measure(runtime.device, runtime.cfg.federation.count_flops) as m:
             payload = runtime.handle(request)
         save_client_state(runtime.states[client], context.state)
     finally:
@@ -382,6 +383,7 @@ def _reply(msg: Message, context: Context) -> Message:
             "seconds": m.seconds,
             "peak_rss_bytes": m.peak_rss_bytes,
             "peak_cuda_bytes": m.peak_cuda_bytes,
+            "flops": float(m.flops),
         }
     )
     return Message(content, reply_to=msg)

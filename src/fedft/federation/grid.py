@@ -39,7 +39,7 @@ class LocalGrid:
                 scalar_bytes_down=message.payload.scalar_bytes,
             )
             payload, error = None, None
-            with measure(self.device) as m:
+            with measure(self.device, self.runtime.cfg.federation.count_flops) as m:
                 try:
                     payload = self.runtime.handle(message)
                 except (
@@ -52,10 +52,11 @@ class LocalGrid:
                         log.warning(
                             "client %d failed in round %d: %s", message.client, message.round, error
                         )
-            cost.seconds, cost.peak_rss_bytes, cost.peak_cuda_bytes = (
+            cost.seconds, cost.peak_rss_bytes, cost.peak_cuda_bytes, cost.flops = (
                 m.seconds,
                 m.peak_rss_bytes,
                 m.peak_cuda_bytes,
+                m.flops,
             )
             if payload is not None:
                 cost.bytes_up, cost.scalar_bytes_up = payload.tensor_bytes, payload.scalar_bytes

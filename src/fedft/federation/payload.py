@@ -56,6 +56,7 @@ class ClientCost:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     peak_cuda_bytes: int = 0
+    flops: int = 0  # federation.count_flops: the exchange's floating-point operations
 
 
 @dataclass

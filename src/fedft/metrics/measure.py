@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -26,6 +27,7 @@ class Measured:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     peak_cuda_bytes: int = 0
+    flops: int = 0  # counted only when asked (0 otherwise)
 
 
 def _read_hwm() -> int | None:
@@ -66,8 +68,9 @@ class _Sampler(threading.Thread):
 
 
 @contextmanager
-def measure(device: torch.device | None = None) -> Iterator[Measured]:
+def measure(device: torch.device | None = None, count_flops: bool = False) -> Iterator[Measured]:
     result = Measured()
+    counter = FlopCounterMode(display=False) if count_flops else None
     use_cuda = device is not None and device.type == "cuda"
     if use_cuda:
         torch.cuda.synchronize(device)
@@ -78,8 +81,11 @@ def measure(device: torch.device | None = None) -> Iterator[Measured]:
         sampler.start()
     start = time.perf_counter()
     try:
-        yield result
+        with counter if counter is not None else nullcontext():
+            yield result
     finally:
+        if counter is not None:
+            result.flops = int(counter.get_total_flops())
         if use_cuda:
             torch.cuda.synchronize(device)
             result.peak_cuda_bytes = int(torch.cuda.max_memory_allocated(device))
