@@ -34,14 +34,26 @@ def test_dirichlet_is_skewed_and_respects_min_size():
     assert np.mean(shares) > 0.6  # most of a client's rows come from one class
 
 
-def test_impossible_dirichlet_is_refused_with_a_fix():
-    with pytest.raises(DataError, match="lower data.min_partition_size"):
+def test_dirichlet_fills_any_population_the_rows_can_and_refuses_the_rest():
+    """A skew so sharp that most clients draw nothing, and 10,000 clients of a few rows each:
+    every client still gets its minimum, every row lands once, and the skew stays."""
+    parts = partition_rows(
+        LABELS, DataConfig(partition="dirichlet", alpha=0.05, min_partition_size=90), 10, 4, 0
+    )
+    assert min(len(p) for p in parts) >= 90
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+    many = [i % 2 for i in range(30_000)]
+    parts = partition_rows(
+        many, DataConfig(partition="dirichlet", min_partition_size=2), 10_000, 2, 0
+    )
+    assert min(len(p) for p in parts) == 2 and sum(len(p) for p in parts) == 30_000
+    assert len(np.unique(np.concatenate(parts))) == 30_000
+    big = [p for p in parts if len(p) >= 6]
+    mixed = np.mean([np.bincount(np.asarray(many)[p], minlength=2).max() / len(p) for p in big])
+    assert mixed > 0.75  # here 0.84; binomial draws of the same sizes give about 0.67
+    with pytest.raises(DataError, match=r"10 clients x data.min_partition_size=101 rows is more"):
         partition_rows(
-            LABELS,
-            DataConfig(partition="dirichlet", alpha=0.05, min_partition_size=90),
-            10,
-            4,
-            seed=0,
+            LABELS, DataConfig(partition="dirichlet", min_partition_size=101), 10, 4, seed=0
         )
 
 

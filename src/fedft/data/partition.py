@@ -6,13 +6,13 @@ Partitions are index lists into the training set, so a client costs a few intege
 
 from __future__ import annotations
 
+import heapq
 import warnings
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import (
-    DirichletPartitioner,
     IidPartitioner,
     Partitioner,
     PathologicalPartitioner,
@@ -34,22 +34,11 @@ class ClientSplit:
         return len(self.train) + len(self.test)
 
 
-def _partitioner(cfg: DataConfig, clients: int, num_labels: int, seed: int) -> Partitioner:
-    scheme = cfg.partition
-    if scheme == "auto":  # Dirichlet where there are classes to skew
-        scheme = "dirichlet" if num_labels > 0 else "iid"
+def _partitioner(
+    scheme: str, cfg: DataConfig, clients: int, num_labels: int, seed: int
+) -> Partitioner:
     if scheme == "iid":
         return IidPartitioner(num_partitions=clients)
-    if scheme == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=clients,
-            partition_by="label",
-            alpha=cfg.alpha,
-            min_partition_size=cfg.min_partition_size,
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
     if cfg.classes_per_client > num_labels:
         raise DataError(
             f"data.classes_per_client={cfg.classes_per_client} but the data has only {num_labels} classes"
@@ -70,6 +59,38 @@ def _partitioner(cfg: DataConfig, clients: int, num_labels: int, seed: int) -> P
     )
 
 
+def dirichlet_rows(
+    labels: np.ndarray, clients: int, alpha: float, min_size: int, seed: int
+) -> list[np.ndarray]:
+    """Label skew by a Dirichlet over clients per class (as flwr-datasets' DirichletPartitioner
+    draws it), made to succeed for any population the rows can fill: clients left under
+    `min_size` rows take them from the clients with the most, a random row of the donor's at a
+    time, so the donors' label mixes (the skew) stay as drawn. flwr-datasets' partitioner
+    redraws instead and gives up after 10 tries, which at thousands of clients (a few rows
+    each) it always does."""
+    rng = np.random.default_rng(seed)
+    owner = np.empty(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        shares = rng.dirichlet(np.full(clients, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(np.int64)
+        for client, part in enumerate(np.split(rows, cuts)):
+            owner[part] = client
+    parts = [list(rng.permutation(np.flatnonzero(owner == c))) for c in range(clients)]
+    sizes = np.array([len(p) for p in parts])
+    needy = [c for c in np.argsort(sizes, kind="stable") if sizes[c] < min_size]
+    if needy:
+        donors = [(-int(sizes[c]), int(c)) for c in range(clients) if sizes[c] > min_size]
+        heapq.heapify(donors)
+        for client in needy:
+            while len(parts[client]) < min_size:
+                size, donor = heapq.heappop(donors)
+                parts[client].append(parts[donor].pop())
+                if -size - 1 > min_size:
+                    heapq.heappush(donors, (size + 1, donor))
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
 def partition_rows(
     labels: list[int], cfg: DataConfig, clients: int, num_labels: int, seed: int
 ) -> list[np.ndarray]:
@@ -78,8 +99,17 @@ def partition_rows(
         raise DataError(
             f"federation.clients={clients} is more than the {len(labels)} training rows; use fewer clients or more data"
         )
+    scheme = cfg.partition if cfg.partition != "auto" else ("dirichlet" if num_labels else "iid")
+    if scheme == "dirichlet":
+        if clients * cfg.min_partition_size > len(labels):
+            raise DataError(
+                f"dirichlet partition: {clients} clients x data.min_partition_size="
+                f"{cfg.min_partition_size} rows is more than the {len(labels)} training rows; "
+                "lower data.min_partition_size or use fewer clients"
+            )
+        return dirichlet_rows(np.asarray(labels), clients, cfg.alpha, cfg.min_partition_size, seed)
     table = datasets.Dataset.from_dict({"label": labels, ROW: list(range(len(labels)))})
-    partitioner = _partitioner(cfg, clients, num_labels, seed)
+    partitioner = _partitioner(scheme, cfg, clients, num_labels, seed)
     partitioner.dataset = table
     with warnings.catch_warnings():
         try:
@@ -90,13 +120,12 @@ def partition_rows(
             ]
         except ValueError as exc:
             raise DataError(
-                f"{cfg.partition} partition failed ({str(exc).splitlines()[0]}); "
-                "lower data.min_partition_size, raise data.alpha, or use fewer clients"
+                f"{scheme} partition failed ({str(exc).splitlines()[0]}); use fewer clients"
             ) from exc
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise DataError(
-            f"{cfg.partition} partition left clients {empty[:5]} without data; use fewer clients or another partition"
+            f"{scheme} partition left clients {empty[:5]} without data; use fewer clients or another partition"
         )
     return parts
 
