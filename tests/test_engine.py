@@ -29,6 +29,7 @@ TIMING_KEYS = {
     "peak_rss_mb",
     "seconds_per_round",
     "client_seconds_per_round",
+    "run_seconds",
 }
 
 
@@ -166,6 +167,30 @@ def test_run_folder_outputs(tmp_path: Path):
         0 <= saved["client_eval"]["min_accuracy"] <= saved["client_eval"]["weighted_accuracy"] <= 1
     )
     assert (run_dir / rundir.PLOT).stat().st_size > 10_000
+
+
+def test_final_client_evaluation_samples_a_bounded_number_and_counts_in_the_run_totals(
+    tmp_path: Path,
+):
+    sets = {"federation.clients": 8, "federation.eval_clients": 3, "federation.rounds": 1}
+    cfg = tiny_config(tmp_path, "bias", **sets)
+    task = build_task(cfg)
+    asked = []
+    task.method.client_handlers = lambda: {  # note which clients the final evaluation asks
+        "train": BiasOnly.client_train.__get__(task.method),
+        "evaluate": lambda ctx, p: (
+            asked.append(ctx.client) or BiasOnly.client_evaluate(task.method, ctx, p)
+        ),
+    }
+    summary = run_federation(task, start(cfg))
+    evaluated = summary["client_eval"]
+    assert len(asked) == evaluated["clients"] == 3 and len(set(asked)) == 3
+    assert evaluated["sampled_from"] == sum(len(c.test) > 0 for c in task.data.clients) == 8
+    assert summary["run_total_mb"] * 1e6 == pytest.approx(
+        summary["total_bytes"] + evaluated["bytes"]
+    )
+    assert evaluated["bytes"] > 0
+    assert summary["run_seconds"] == pytest.approx(summary["seconds"] + evaluated["seconds"])
 
 
 def test_same_seed_same_result_and_other_seed_differs(tmp_path: Path):

@@ -187,6 +187,12 @@ class FederationConfig(Section):
         None,
         description="score the untuned model before round 1 (None: for generation only)",
     )
+    eval_clients: int | None = Field(
+        100,
+        ge=1,
+        description="clients that score the final model on their local test rows, drawn once "
+        "with the run seed (None: every client)",
+    )
     count_flops: bool = Field(
         False,
         description="count each client's floating-point operations (torch's FlopCounterMode: "
