@@ -230,6 +230,17 @@ class TrainConfig(Section):
         description="generation: batches of rows of similar length (less padding); no effect on "
         "classification or on DP's Poisson batches",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in the backward pass (Hugging Face "
+        "models): activation memory of one block, about one more forward of time; local "
+        "backprop steps (not DP-SGD's)",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: autocast the training forward and loss to bfloat16 where the device "
+        "supports it (weights, gradients and optimizer stay fp32); local backprop steps",
+    )
 
 
 class PrivacyConfig(Section):

@@ -23,7 +23,7 @@ from fedft.federation.grid import Grid, LocalGrid
 from fedft.federation.payload import Message, Reply
 from fedft.federation.sampling import clients_per_round
 from fedft.federation.server import Server
-from fedft.federation.training import evaluate, read_state
+from fedft.federation.training import evaluate, read_state, supports_checkpointing
 from fedft.methods import Method, get_method
 from fedft.metrics import rundir
 from fedft.metrics.plots import plot_metric
@@ -78,6 +78,11 @@ def build_task(cfg: RunConfig) -> Task:
     method.check_run(cfg)
     check_privacy(cfg, method, data)
     method.prepare(model)
+    if cfg.train.gradient_checkpointing and not supports_checkpointing(model.net):
+        raise ConfigError(
+            f"train.gradient_checkpointing: {type(model.net).__name__} (method "
+            f"'{method.name}') cannot recompute its blocks; turn it off"
+        )
     device = resolve_device(cfg.device)
     model.to(device)
     return Task(cfg, data, model, method, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,34 @@ def task_of(model: nn.Module) -> Task:
     return getattr(model, "task", None) or Classify()
 
 
+def supports_checkpointing(net: nn.Module) -> bool:
+    return bool(getattr(net, "supports_gradient_checkpointing", False))
+
+
+@contextmanager
+def checkpointing(model: nn.Module, cfg: TrainConfig) -> Iterator[None]:
+    """`train.gradient_checkpointing` for the block's steps only: the model is shared with
+    evaluation and other methods' code, which get it back as it was."""
+    net = getattr(model, "net", model)
+    on = cfg.gradient_checkpointing and supports_checkpointing(net)
+    # transformers 5.x renamed it "activation checkpointing" (the old names warn)
+    renamed = hasattr(net, "activation_checkpointing_enable")
+    disable = (
+        net.activation_checkpointing_disable if renamed else net.gradient_checkpointing_disable
+    )
+    if on and renamed:
+        net.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif on:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if on:
+            disable()
+
+
 def train_locally(
     model: nn.Module,
     names: list[str],
@@ -154,25 +183,28 @@ def train_locally(
     steps, total_loss, seen = 0, 0.0, 0
     target = cfg.max_steps
     epoch = 0
-    while True:
-        for index in batches(indices, cfg.batch_size, generator, lengths=lengths):
-            batch = {k: v.to(device) for k, v in data.batch(index).items()}
-            loss = task.loss(model(batch), batch)
-            if not bool(torch.isfinite(loss)):  # this client failed; the round goes on without it
-                raise FloatingPointError(f"non-finite training loss at local step {steps + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            steps += 1
-            total_loss += float(loss.detach()) * len(index)
-            seen += len(index)
-            if target is not None and steps >= target:
+    bf16 = cfg.precision == "bf16"
+    with checkpointing(model, cfg):
+        while True:
+            for index in batches(indices, cfg.batch_size, generator, lengths=lengths):
+                batch = {k: v.to(device) for k, v in data.batch(index).items()}
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    loss = task.loss(model(batch), batch).float()
+                if not bool(torch.isfinite(loss)):  # this client failed; the round goes on
+                    raise FloatingPointError(f"non-finite training loss at local step {steps + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                steps += 1
+                total_loss += float(loss.detach()) * len(index)
+                seen += len(index)
+                if target is not None and steps >= target:
+                    return TrainStats(len(indices), steps, total_loss / seen)
+            epoch += 1
+            if target is None and epoch >= cfg.epochs:
                 return TrainStats(len(indices), steps, total_loss / seen)
-        epoch += 1
-        if target is None and epoch >= cfg.epochs:
-            return TrainStats(len(indices), steps, total_loss / seen)
 
 
 @dataclass
