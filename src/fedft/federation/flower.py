@@ -1,7 +1,9 @@
-"""The Flower adapter: the only module of fedft that imports `flwr`.
+"""The Flower adapter: with `flower_node` (the light ClientApp), the only modules of fedft that
+import `flwr`.
 
 The same method server code runs inside a Flower `ServerApp` (driving a `FlowerGrid` instead of
-the in-process grid), and the same client handlers run inside a Flower `ClientApp`. A `Payload`
+the in-process grid), and the same client handlers run for a Flower `ClientApp`: in a node's warm
+worker (`fedft.federation.warm`) or, in simulation, in this process. A `Payload`
 maps to a `RecordDict`: tensors to an `ArrayRecord`, scalars to a `ConfigRecord`. Bytes are
 counted from the arrays in the records that were sent (their raw data, as the local engine counts
 tensors), and the serialised size of the records is reported beside them as `wire_bytes`.
@@ -9,19 +11,18 @@ tensors), and the serialised size of the records is reported beside them as `wir
 Run config keys (declared in flower-app/pyproject.toml): `fedft-config` (a YAML file),
 `fedft-set` (';'-separated overrides) and `fedft-resume` (a run folder to continue).
 Node config keys: `partition-id` + `num-partitions` (a shared source split for demos) or
-`data-path` (the node's own dataset; `partition-id` still names the client).
+`data-path` (the node's own dataset; `partition-id` still names the client); `fedft-warm`
+(auto/true/false) and `fedft-warm-idle` (seconds) for the warm worker.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -31,14 +32,15 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid as FlowerGridApi
 from flwr.serverapp import ServerApp
 
-from fedft.config import RunConfig, build_config
+from fedft.config import RunConfig
 from fedft.errors import FedftError, RunStopped
+from fedft.federation import warm
 from fedft.federation.client import ClientRuntime
 from fedft.federation.engine import build_task, run_federation
+from fedft.federation.flower_node import STATE_SCALARS, STATE_TENSORS, array_record, node_client
 from fedft.federation.payload import ClientCost, Payload, Reply
 from fedft.federation.payload import Message as FedftMessage
 from fedft.metrics import rundir
@@ -49,9 +51,7 @@ log = logging.getLogger("fedft")
 
 # --- config -------------------------------------------------------------------------------------
 def config_from_run_config(run_config: dict[str, Any], extra: list[str] | None = None) -> RunConfig:
-    file = str(run_config.get("fedft-config", "") or "") or None
-    sets = [s.strip() for s in str(run_config.get("fedft-set", "") or "").split(";") if s.strip()]
-    return build_config(file, sets + (extra or []))
+    return warm.config_from_run_config(run_config, extra)
 
 
 # --- payload <-> records ------------------------------------------------------------------------
@@ -268,21 +268,12 @@ class _PrintProgress:
         pass
 
 
-# --- client side --------------------------------------------------------------------------------
-STATE_TENSORS, STATE_SCALARS = "fedft.state.tensors", "fedft.state.scalars"
-
-
+# --- client side (in process; fedft.federation.flower_node is the ClientApp) ---------------------
 def save_client_state(state: dict[str, Any], records: RecordDict) -> None:
     """Keep a client's lasting state in Flower's `context.state`: each message starts a new
     ClientApp process, so memory does not outlive the message. Tensors and scalars persist."""
-    tensors = {k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    scalars = {k: v for k, v in state.items() if isinstance(v, int | float | str | bool)}
-    other = sorted(set(state) - set(tensors) - set(scalars))
-    if other:
-        raise TypeError(
-            f"client state {other}: only tensors and scalars persist between Flower messages"
-        )
-    records[STATE_TENSORS] = ArrayRecord(torch_state_dict=tensors)
+    tensors, scalars = warm.split_state(state)
+    records[STATE_TENSORS] = array_record(tensors)
     records[STATE_SCALARS] = ConfigRecord(scalars)
 
 
@@ -304,68 +295,24 @@ MAX_RUNTIMES = 2
 _RUNTIMES: OrderedDict[str, ClientRuntime] = OrderedDict()
 
 
-def runtime_key(context: Context) -> str:
-    """What a node's runtime depends on: the run config and where its data comes from, not which
-    client it is."""
-    node = dict(context.node_config)
-    source = (
-        {"data-path": str(node["data-path"])}
-        if "data-path" in node
-        else {k: v for k, v in node.items() if k != "partition-id"}
-    )
-    return json.dumps([dict(context.run_config), source], sort_keys=True, default=str)
-
-
-def node_client(context: Context) -> int:
-    """The client this node runs as: its partition id, whether or not it brings its own data."""
-    return int(context.node_config.get("partition-id", 0))
-
-
 def _client_runtime(context: Context) -> ClientRuntime:
     """The node's runtime, built once per process and source (simulation reuses processes)."""
-    key = runtime_key(context)
+    run_config, node_config = dict(context.run_config), dict(context.node_config)
+    key = warm.runtime_key(run_config, node_config)
     if key in _RUNTIMES:
         _RUNTIMES.move_to_end(key)
         return _RUNTIMES[key]
-    node = dict(context.node_config)
-    if "data-path" in node:
-        # The node's own dataset is the whole of this client's data: the task partitions it for
-        # one client, and the runtime trains every request on that one split, under the client
-        # id the request names; the runtime keeps the run's federation settings.
-        source = f"data.source={node['data-path']}"
-        cfg = config_from_run_config(context.run_config, [source])
-        task = build_task(
-            config_from_run_config(
-                context.run_config,
-                [source, "federation.clients=1", "data.partition=iid", "data.min_partition_size=1"],
-            )
-        )
-        runtime = ClientRuntime(
-            task.method, task.model, task.data, cfg, task.device, split=task.data.clients[0]
-        )
-    else:
-        cfg = config_from_run_config(context.run_config)
-        partitions = int(node.get("num-partitions", cfg.federation.clients))
-        if partitions != cfg.federation.clients:
-            raise FedftError(
-                f"node num-partitions={partitions} but federation.clients={cfg.federation.clients}"
-            )
-        task = build_task(cfg)
-        runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+    runtime = warm.build_runtime(run_config, node_config)
     _RUNTIMES[key] = runtime
     while len(_RUNTIMES) > MAX_RUNTIMES:
         _RUNTIMES.popitem(last=False)
     return runtime
 
 
-client_app = ClientApp()
-
-
-def _reply(msg: Message, context: Context) -> Message:
+def reply_in_process(msg: Message, context: Context) -> Message:
+    """Answer a message with a runtime of this process (`fedft-warm=false`, or simulation)."""
     meta = dict(msg.content["meta"])
     client = node_client(context)
-    if meta["kind"] == "hello":
-        return Message(RecordDict({"meta": ConfigRecord({"client": client})}), reply_to=msg)
     runtime = _client_runtime(context)
     request = FedftMessage(client, str(meta["kind"]), from_records(msg.content), int(meta["round"]))
     # The state lives in context.state; the runtime holds it only for this request, so a runtime
@@ -387,18 +334,3 @@ def _reply(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    return _reply(msg, context)
-
-
-@client_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    return _reply(msg, context)
-
-
-@client_app.query()
-def _query(msg: Message, context: Context) -> Message:
-    return _reply(msg, context)

@@ -40,6 +40,8 @@ class Federation:
             "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            # the nodes' warm workers keep their sockets here, so that stop() finds them
+            "FEDFT_WARM_DIR": str(workdir / "warm"),
         }
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,9 @@ class Federation:
             proc.wait(timeout=10)
 
     def stop(self) -> None:
+        from fedft.federation.warm import stop_workers  # no flwr import, no torch
+
+        stop_workers(Path(self.env["FEDFT_WARM_DIR"]))  # started by ClientApp processes
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)

@@ -140,23 +140,22 @@ def checkpointing(model: nn.Module, cfg: TrainConfig) -> Iterator[None]:
     """`train.gradient_checkpointing` for the block's steps only: the model is shared with
     evaluation and other methods' code, which get it back as it was."""
     net = getattr(model, "net", model)
-    on = cfg.gradient_checkpointing and supports_checkpointing(net)
+    if not (cfg.gradient_checkpointing and supports_checkpointing(net)):
+        yield
+        return
     # transformers 5.x renamed it "activation checkpointing" (the old names warn)
-    renamed = hasattr(net, "activation_checkpointing_enable")
-    disable = (
-        net.activation_checkpointing_disable if renamed else net.gradient_checkpointing_disable
-    )
-    if on and renamed:
+    if hasattr(net, "activation_checkpointing_enable"):
         net.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
-    elif on:
+        disable = net.activation_checkpointing_disable
+    else:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = net.gradient_checkpointing_disable
     try:
         yield
     finally:
-        if on:
-            disable()
+        disable()
 
 
 def train_locally(
