@@ -304,6 +304,9 @@ def privacy_summary(task: Task, history: list[dict[str, Any]]) -> dict[str, Any]
     spent = next(
         (m["epsilon_per_client"] for m in reversed(history) if "epsilon_per_client" in m), {}
     )
+    every = next(  # client-level DP: one mechanism, every client has spent the same
+        (m["epsilon_all_clients"] for m in reversed(history) if "epsilon_all_clients" in m), None
+    )
     plans = check_budgets(cfg, [len(split.train) for split in task.data.clients])
     sigmas = [plan.noise_multiplier for plan in plans]
     private = not cfg.privacy.reproducible_noise_not_private
@@ -316,8 +319,8 @@ def privacy_summary(task: Task, history: list[dict[str, Any]]) -> dict[str, Any]
         "clip": cfg.privacy.clip,
         "noise_multiplier_min": min(sigmas),
         "noise_multiplier_max": max(sigmas),
-        "epsilon_max": max(spent.values(), default=0.0),
-        "epsilon_per_client": spent,
+        "epsilon_max": every if every is not None else max(spent.values(), default=0.0),
+        **({"epsilon_all_clients": every} if every is not None else {"epsilon_per_client": spent}),
     }
 
 

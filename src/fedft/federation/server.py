@@ -148,21 +148,20 @@ class Server:
         spent the same."""
         if self.privacy is None:
             return {}
-        if self.population is not None:
+        if self.population is not None:  # one figure: a list of it per client grows with them
             plan = self.population
             self.privacy.record(POPULATION, plan.noise_multiplier, plan.sample_rate, 1)
             spent_now = self.privacy.epsilon(POPULATION)
-            per_client = {c: spent_now for c in range(self.cfg.federation.clients)}
-        else:
-            for reply in replies:
-                s = reply.payload.scalars
-                self.privacy.record(
-                    reply.client,
-                    float(s["dp_noise_multiplier"]),
-                    float(s["dp_sample_rate"]),
-                    int(s["dp_steps"]),
-                )
-            per_client = self.privacy.spent()
+            return {"epsilon_max": spent_now, "epsilon_all_clients": spent_now}
+        for reply in replies:
+            s = reply.payload.scalars
+            self.privacy.record(
+                reply.client,
+                float(s["dp_noise_multiplier"]),
+                float(s["dp_sample_rate"]),
+                int(s["dp_steps"]),
+            )
+        per_client = self.privacy.spent()
         return {
             "epsilon_max": max(per_client.values(), default=0.0),
             "epsilon_per_client": {str(c): e for c, e in per_client.items()},
