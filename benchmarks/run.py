@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import scale_clients  # noqa: E402
+
 import client_memory  # noqa: E402
 import demo_noniid  # noqa: E402
 import dp_sst2  # noqa: E402
@@ -39,6 +41,7 @@ SECTIONS = {
     "zo-learns": zo_learns.run,
     "zo-learns-smollm2": zo_learns.run_smollm2,
     "fedpt-generate": fedpt_generate.run,
+    "scale": scale_clients.run,
 }
 
 

@@ -1,0 +1,143 @@
+"""Scale: the cost of a run against the number of clients that exist, at the same work a round.
+
+Every method that runs on the local engine, with 10, 100, 1,000 and 10,000 clients, 5 of them a
+round, on MiniLM and SST-2 with the default (Dirichlet 0.5) partition: the run process's peak RSS,
+seconds a round and bytes a round. The bounds (issue: cost independent of the population): peak
+RSS within 1.5x and seconds a round within 1.2x of the 10-client run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import ROOT, SHARED, machine, write_section
+
+POPULATIONS = [10, 100, 1_000, 10_000]
+ROUNDS = 4
+BASE = {
+    "model.name": "minilm",
+    "model.max_length": 32,
+    "data.source": str(SHARED / "sst2"),
+    "data.max_train_samples": 30_000,  # 10,000 clients x min_partition_size 2, and more
+    "data.max_test_samples": 200,
+    "data.min_partition_size": 2,
+    "federation.sample_count": 5,
+    "federation.rounds": ROUNDS,
+    "federation.eval_every": ROUNDS,
+    "train.max_steps": 2,
+    "train.batch_size": 16,
+}
+METHODS: dict[str, dict[str, object]] = {
+    "head": {},
+    "bias": {},
+    "adapter": {},
+    "prompt": {},
+    "lora": {},
+    "full": {},
+    "zo": {},
+    "sfprompt": {"method.head_blocks": 1, "method.tail_blocks": 1},
+    "fedpft": {},
+    "fedpt": {"data.server_rows": 50},
+    "lora, DP sample eps 8": {
+        "method.name": "lora",
+        "privacy.mode": "sample",
+        "privacy.epsilon": 8,
+    },
+    "bias, DP client eps 8": {
+        "method.name": "bias",
+        "privacy.mode": "client",
+        "privacy.epsilon": 8,
+    },
+}
+
+# The run in a child process that reports its own peak RSS at exit (the run's whole footprint:
+# server, clients, data, per-client state).
+CHILD = """
+import json, resource, sys
+from fedft.cli import main
+code = main(sys.argv[1:])
+print("FEDFT_PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+sys.exit(code)
+"""
+
+
+def one_run(name: str, out: Path, sets: dict[str, object]) -> dict[str, float]:
+    args = [sys.executable, "-c", CHILD, "run", "--name", name, "--overwrite", "--quiet"]
+    for key, value in {"output_dir": str(out), **sets}.items():
+        args += ["--set", f"{key}={value}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    print(f"[bench] {name}", flush=True)
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    peak_kb = next(
+        int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("FEDFT_PEAK")
+    )
+    run_dir = out / name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # rounds after the first (which warms caches), without the final evaluation's seconds
+    seconds = [m["round_seconds"] - m["eval_seconds"] for m in lines[1:]]
+    return {
+        "peak_mb": peak_kb / 1024,
+        "seconds": statistics.median(seconds),
+        "bytes": summary["total_bytes"] / len(lines),
+        "eval_seconds": summary["client_eval"].get("seconds", 0.0),
+    }
+
+
+def run(out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        "| method | clients | peak RSS | vs 10 | s / round | vs 10 | MB / round | final client eval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    misses = []
+    for label, extra in METHODS.items():
+        sets = {**BASE, "method.name": label.split(",")[0], **extra}
+        base = None
+        for clients in POPULATIONS:
+            slug = label.replace(" ", "").replace(",", "-")
+            got = one_run(f"scale-{slug}-{clients}", out, {**sets, "federation.clients": clients})
+            if "error" in got:
+                rows.append(f"| {label} | {clients:,} | failed: {got['error']} | | | | | |")
+                misses.append(f"{label} at {clients:,}: {got['error']}")
+                continue
+            base = base or got
+            rss, sec = got["peak_mb"] / base["peak_mb"], got["seconds"] / base["seconds"]
+            if rss > 1.5 or sec > 1.2:
+                misses.append(f"{label} at {clients:,}: {rss:.2f}x RSS, {sec:.2f}x s / round")
+            rows.append(
+                f"| {label} | {clients:,} | {got['peak_mb']:.0f} MB | {rss:.2f}x | "
+                f"{got['seconds']:.2f} | {sec:.2f}x | {got['bytes'] / 1e6:.2f} | "
+                f"{got['eval_seconds']:.1f} s |"
+            )
+    verdict = (
+        "Every run is within the bounds (1.5x RSS, 1.2x seconds a round)."
+        if not misses
+        else "Outside the bounds: " + "; ".join(misses) + "."
+    )
+    body = f"""
+## Scale: 10 to 10,000 clients at the same work a round
+
+Machine: {machine()}.
+
+all-MiniLM-L6-v2 on {BASE["data.max_train_samples"]:,} SST-2 rows, Dirichlet 0.5 (min 2 rows a client), 5 clients a
+round, {ROUNDS} rounds of 2 steps of batch 16 (length 32); the final client evaluation asks at most
+`federation.eval_clients` = 100 clients. Peak RSS: the whole run process (server, clients, data,
+per-client state). Seconds a round: the median of rounds 2 to {ROUNDS}, without the global
+evaluation. One run each; seconds a round on 2 cores vary by about 10% from run to run.
+
+{chr(10).join(rows)}
+
+{verdict}
+
+Regenerate with `python benchmarks/run.py scale`.
+"""
+    write_section("scale", body)
+    return body
