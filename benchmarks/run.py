@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import causal_speed  # noqa: E402
 import scale_clients  # noqa: E402
 
 import client_memory  # noqa: E402
@@ -42,6 +43,7 @@ SECTIONS = {
     "zo-learns-smollm2": zo_learns.run_smollm2,
     "fedpt-generate": fedpt_generate.run,
     "scale": scale_clients.run,
+    "causal-speed": causal_speed.run,
 }
 
 
