@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedft.config import DataConfig
-from fedft.data.partition import local_splits, partition_rows
+from fedft.data.partition import column_rows, local_splits, partition_rows
 from fedft.errors import DataError
 
 LABELS = [i % 4 for i in range(1000)]
@@ -83,3 +83,41 @@ def test_local_splits_are_disjoint_and_complete():
         assert set(split.train).isdisjoint(split.test)
         assert sorted(np.concatenate([split.train, split.test]).tolist()) == sorted(part.tolist())
         assert len(split.test) == round(0.2 * len(part))
+
+
+def test_column_partition_gives_each_value_its_own_client_or_groups_values_whole():
+    values = ["b", "a", "c", "a", "b", "a"]
+    parts = column_rows(values, 3, "site")
+    assert [p.tolist() for p in parts] == [[1, 3, 5], [0, 4], [2]]  # a, b, c in sorted order
+    rng = np.random.default_rng(0)
+    many = [f"user{int(u)}" for u in rng.zipf(1.5, size=2000) % 40]
+    parts = column_rows(many, 5, "user")
+    assert sorted(np.concatenate(parts).tolist()) == list(range(2000))
+    owners = {}
+    for client, rows in enumerate(parts):
+        for row in rows:
+            assert owners.setdefault(many[row], client) == client  # a value is never split
+    sizes = sorted(len(p) for p in parts)
+    biggest = max(many.count(v) for v in set(many))
+    assert sizes[-1] - sizes[0] <= biggest  # greedy: even up to one value's rows
+    with pytest.raises(DataError, match=r"column 'site' has 3 values \(a, b, c\) for federation"):
+        column_rows(values, 4, "site")
+
+
+def test_a_column_partition_of_a_file_gives_each_topic_a_client(tmp_path):
+    from fedft.federation.engine import build_task
+
+    from helpers import tiny_llama_config, write_generation_data
+
+    data = write_generation_data(tmp_path / "data")
+    sets = {"data.partition": "column", "data.partition_column": "topic", "federation.clients": 3}
+    task = build_task(tiny_llama_config(tmp_path, "lora", **{"data.source": str(data), **sets}))
+    import json
+
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    topics = sorted({r["topic"] for r in rows})
+    prompts = task.data.train  # encoded in file order: row i is the file's row i
+    assert len(prompts) == len(rows)
+    for client, split in enumerate(task.data.clients):
+        held = np.concatenate([split.train, split.test])
+        assert {rows[i]["topic"] for i in held} == {topics[client]}

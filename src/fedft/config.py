@@ -73,10 +73,16 @@ class DataConfig(Section):
     max_test_samples: int | None = Field(
         None, ge=1, description="seeded subset of the global test set (None: all)"
     )
-    partition: Literal["auto", "iid", "dirichlet", "pathological"] = Field(
+    partition: Literal["auto", "iid", "dirichlet", "pathological", "column"] = Field(
         "auto",
         description="how training data is split across clients (auto: dirichlet where the data "
-        "has classes, else iid)",
+        "has classes, else iid; column: one client per value of data.partition_column)",
+    )
+    partition_column: str | None = Field(
+        None,
+        description="partition=column: the column whose values are the clients (an author, a "
+        "topic, a site); more values than clients are grouped, largest first, onto the client "
+        "with the fewest rows",
     )
     alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration (smaller: more skewed label mix)"
@@ -96,6 +102,15 @@ class DataConfig(Section):
         description="training rows the server keeps as its validation split, held by no client "
         "and never the test split (fedpt chooses alpha on them); None: what the method needs",
     )
+
+    @model_validator(mode="after")
+    def _column_named(self) -> DataConfig:
+        if self.partition == "column" and not self.partition_column:
+            raise ValueError(
+                "data.partition=column needs data.partition_column (the column whose values are "
+                "the clients, e.g. topic)"
+            )
+        return self
 
 
 class TaskConfig(Section):

@@ -9,8 +9,8 @@ import numpy as np
 
 from fedft.config import RunConfig
 from fedft.data.encode import TensorData
-from fedft.data.partition import ClientSplit, local_splits, partition_rows
-from fedft.data.sources import RawData, load_raw
+from fedft.data.partition import ClientSplit, column_rows, local_splits, partition_rows
+from fedft.data.sources import GROUP, RawData, load_raw
 from fedft.errors import DataError
 
 Encoder = Callable[[RawData], tuple[TensorData, TensorData]]
@@ -45,7 +45,7 @@ def partition_of(cfg: RunConfig, raw: RawData) -> str:
     (generation rows without a class column) has no label mix to skew, so it is split IID, and a
     label-skewed split of it is refused."""
     if cfg.data.partition != "auto":
-        if raw.num_labels == 0 and cfg.data.partition != "iid":
+        if raw.num_labels == 0 and cfg.data.partition not in ("iid", "column"):
             raise DataError(
                 f"data.partition={cfg.data.partition} splits by class, but {raw.origin} has no "
                 f"class column '{cfg.data.label_column}'; set data.label_column (e.g. topic) or "
@@ -77,10 +77,20 @@ def build_federated_data(
     # encoded before the clients' splits, so that what an encoder records per split (a
     # generation task's cut rows) ends with the run's own train and test
     validation = encoder(held)[0] if held is not None else None
-    labels = list(raw.train["label"])
     partition = partition_of(cfg, raw)
-    data_cfg = cfg.data.model_copy(update={"partition": partition})
-    parts = partition_rows(labels, data_cfg, cfg.federation.clients, raw.num_labels, cfg.seed)
+    if partition == "column":
+        if GROUP not in raw.train.column_names:
+            raise DataError(
+                f"data.partition=column: {raw.origin} has no columns beyond text and label; "
+                "give a file or folder with the column"
+            )
+        parts = column_rows(
+            list(raw.train[GROUP]), cfg.federation.clients, cfg.data.partition_column or ""
+        )
+    else:
+        labels = list(raw.train["label"])
+        data_cfg = cfg.data.model_copy(update={"partition": partition})
+        parts = partition_rows(labels, data_cfg, cfg.federation.clients, raw.num_labels, cfg.seed)
     clients = local_splits(parts, cfg.data.local_test_fraction, cfg.seed)
     train, test = encoder(raw)
     return FederatedData(

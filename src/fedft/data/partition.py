@@ -91,6 +91,34 @@ def dirichlet_rows(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def column_rows(values: list[str], clients: int, column: str) -> list[np.ndarray]:
+    """Natural clients: the rows of each distinct value of a column (an author, a topic, a site),
+    as FedLLM-Bench splits by user. One client per value, in sorted order of the values; with more
+    values than clients, values are grouped: largest first, each onto the client that holds the
+    fewest rows so far (so sizes stay even and a value is never split). flwr-datasets'
+    NaturalIdPartitioner gives one partition per value and cannot group, so it is not used."""
+    names, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    if len(names) < clients:
+        raise DataError(
+            f"data.partition=column: column '{column}' has {len(names)} values "
+            f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}) for "
+            f"federation.clients={clients}; set federation.clients={len(names)} (one client a "
+            "value) or fewer"
+        )
+    counts = np.bincount(inverse, minlength=len(names))
+    if len(names) == clients:
+        owner = np.arange(clients)
+    else:
+        owner = np.empty(len(names), dtype=np.int64)
+        loads = [(0, c) for c in range(clients)]
+        for value in np.argsort(-counts, kind="stable"):
+            size, client = heapq.heappop(loads)
+            owner[value] = client
+            heapq.heappush(loads, (size + int(counts[value]), client))
+    client_of_row = owner[inverse]
+    return [np.flatnonzero(client_of_row == c).astype(np.int64) for c in range(clients)]
+
+
 def partition_rows(
     labels: list[int], cfg: DataConfig, clients: int, num_labels: int, seed: int
 ) -> list[np.ndarray]:

@@ -140,7 +140,7 @@ def _hub(cfg: DataConfig, seed: int, task: TaskConfig | None) -> RawData:
             c
             for c in ds.column_names
             if task is not None  # a generation task may read any column
-            or c in (cfg.label_column, cfg.text_column)
+            or c in (cfg.label_column, cfg.text_column, cfg.partition_column)
             or c.startswith("pixel")
         ]
         return Table(
@@ -240,13 +240,31 @@ def _normalise(
     def rebuild(table: Table, ids: list[int]) -> datasets.Dataset:
         if kind == "text":
             texts = ["" if t is None else str(t) for t in table.columns[cfg.text_column]]
-            return datasets.Dataset.from_dict({"text": texts, "label": ids})
+            return with_group(datasets.Dataset.from_dict({"text": texts, "label": ids}), table, cfg)
         pixels = np.stack(
             [np.asarray(table.columns[c], dtype=np.float32) for c in pixel_cols], axis=1
         )
-        return datasets.Dataset.from_dict({"pixels": pixels.tolist(), "label": ids})
+        rows = datasets.Dataset.from_dict({"pixels": pixels.tolist(), "label": ids})
+        return with_group(rows, table, cfg)
 
     return RawData(kind, rebuild(train, train_ids), rebuild(test, test_ids), list(vocab), origin)
+
+
+GROUP = "__group__"  # data.partition=column: each row's value of data.partition_column, as text
+
+
+def with_group(rows: datasets.Dataset, table: Table, cfg: DataConfig) -> datasets.Dataset:
+    """The rows with their `data.partition_column` values (partition=column), which the
+    partition reads; other partitions carry nothing extra."""
+    if cfg.partition != "column":
+        return rows
+    column = cfg.partition_column
+    if column not in table.columns:
+        raise DataError(
+            f"{table.name}: no column '{column}' to partition by (columns: {_shown(table)}); "
+            "set data.partition_column"
+        )
+    return rows.add_column(GROUP, ["" if v is None else str(v) for v in table.columns[column]])
 
 
 def _subset(raw: RawData, cfg: DataConfig, seed: int) -> RawData:
@@ -353,7 +371,7 @@ def _generation(
     def rebuild(table: Table, ids: list[int]) -> datasets.Dataset:
         if kind == "lm":
             texts = [_text(t) for t in table.columns[cfg.text_column]]
-            return datasets.Dataset.from_dict({"text": texts, "label": ids})
+            return with_group(datasets.Dataset.from_dict({"text": texts, "label": ids}), table, cfg)
         assert response is not None
         answers = []
         for i, value in enumerate(table.columns[response]):
@@ -364,13 +382,14 @@ def _generation(
                 )
             answers.append(str(value).strip())
         rows = range(len(table))
-        return datasets.Dataset.from_dict(
+        out = datasets.Dataset.from_dict(
             {
                 "prompt": [_prompt_of(table, i, prompts) for i in rows],
                 "response": answers,
                 "label": ids,
             }
         )
+        return with_group(out, table, cfg)
 
     return RawData(
         "text", rebuild(train, train_ids), rebuild(test, test_ids), list(vocab), origin, kind
