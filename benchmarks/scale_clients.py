@@ -91,6 +91,87 @@ def one_run(name: str, out: Path, sets: dict[str, object]) -> dict[str, float]:
     }
 
 
+BATCHED = {  # the default batch sizes: MiniLM classification 16, SmolLM2 generation 8
+    "MiniLM (SST-2, length 64)": {"model.name": "minilm", "train.batch_size": 16},
+    "SmolLM2 (SST-2 label words, length 64)": {
+        "model.name": "smollm2",
+        "train.batch_size": 8,
+        "task.system_prompt": "",
+    },
+}
+BATCH_K, BATCH_STEPS, BATCH_REPEATS = 5, 4, 3
+
+
+def batched_speed(sets: dict[str, object]) -> dict[str, float]:
+    """In a child process: k clients' lora rounds one after another, then the same k in one
+    forward pass a step, interleaved `BATCH_REPEATS` times; client-steps per second, medians."""
+    import time
+
+    import torch
+
+    from fedft.config import build_config
+    from fedft.federation.batched import train_batched
+    from fedft.federation.engine import build_task
+    from fedft.federation.training import read_state, train_locally, write_state
+
+    torch.set_num_threads(2)
+    base = {
+        "method.name": "lora",
+        "data.source": str(SHARED / "sst2"),
+        "data.max_train_samples": 2000,
+        "data.partition": "iid",
+        "federation.clients": 10,
+        "train.max_steps": BATCH_STEPS,
+        "model.max_length": 64,
+    }
+    task = build_task(build_config(base={**base, **sets}))
+    names, cfg = task.method.trainable_names, task.cfg.train
+    start = read_state(task.model, names)
+    rows = [task.data.clients[c].train for c in range(BATCH_K)]
+    alone, together = [], []
+    for _ in range(BATCH_REPEATS):
+        began = time.perf_counter()
+        for c in range(BATCH_K):
+            write_state(task.model, start)
+            train_locally(task.model, names, task.data.train, rows[c], cfg, 1e-3, c, task.device)
+        alone.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        seeds = list(range(BATCH_K))
+        train_batched(task.model, names, task.data.train, rows, [start] * BATCH_K, cfg, 1e-3,
+                      seeds, task.device)  # fmt: skip
+        together.append(time.perf_counter() - began)
+    steps = BATCH_K * BATCH_STEPS
+    return {
+        "sequential": steps / statistics.median(alone),
+        "batched": steps / statistics.median(together),
+    }
+
+
+def batched_rows() -> list[str]:
+    rows = [
+        f"| model | batch | sequential client-steps / s | {BATCH_K} clients a forward pass | speedup |",
+        "|---|---|---|---|---|",
+    ]
+    for label, sets in BATCHED.items():
+        code = (
+            "import json, sys; sys.path.insert(0, 'benchmarks'); import scale_clients; "
+            f"print(json.dumps(scale_clients.batched_speed({sets!r})))"
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            rows.append(f"| {label} | {sets['train.batch_size']} | failed | | |")
+            continue
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(
+            f"| {label} | {sets['train.batch_size']} | {got['sequential']:.2f} | "
+            f"{got['batched']:.2f} | {got['batched'] / got['sequential']:.2f}x |"
+        )
+    return rows
+
+
 def run(out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = [
@@ -136,6 +217,13 @@ evaluation. One run each; seconds a round on 2 cores vary by about 10% from run 
 {chr(10).join(rows)}
 
 {verdict}
+
+Many clients per forward pass (`federation.batch_clients`): {BATCH_K} clients' `lora` rounds of
+{BATCH_STEPS} steps one after another, against the same clients in one forward pass a step (each
+example through its own client's LoRA and head), in one process, interleaved {BATCH_REPEATS} times
+(medians):
+
+{chr(10).join(batched_rows())}
 
 Regenerate with `python benchmarks/run.py scale`.
 """

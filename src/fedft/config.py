@@ -208,6 +208,13 @@ class FederationConfig(Section):
         description="clients that score the final model on their local test rows, drawn once "
         "with the run seed (None: every client)",
     )
+    batch_clients: int = Field(
+        1,
+        ge=1,
+        description="local engine: train this many of a round's clients in one forward pass a "
+        "step, each example through its own client's tensors (methods that train Linear "
+        "tensors by local backprop without DP: lora, head); 1: one after another",
+    )
     count_flops: bool = Field(
         False,
         description="count each client's floating-point operations (torch's FlopCounterMode: "

@@ -90,7 +90,21 @@ class ClientRuntime:
             raise ValueError(
                 f"method '{self.method.name}' has no client handler for '{message.kind}'"
             )
-        ctx = ClientContext(
+        return handler(self.context(message), message.payload)
+
+    def handle_batch(self, messages: list[Message]) -> list[Payload] | None:
+        """Train messages of several clients in one forward pass a step, where the method's
+        train handler is its default client round and it can (`Method.client_train_batch`);
+        None otherwise."""
+        if any(m.kind != "train" for m in messages):
+            return None
+        if self.handlers.get("train") != self.method.client_train:
+            return None
+        contexts = [self.context(m) for m in messages]
+        return self.method.client_train_batch(contexts, [m.payload for m in messages])
+
+    def context(self, message: Message) -> ClientContext:
+        return ClientContext(
             client=message.client,
             round=message.round,
             model=self.model,
@@ -101,7 +115,6 @@ class ClientRuntime:
             trainable=self.trainable,
             state=self.states.setdefault(message.client, {}),
         )
-        return handler(ctx, message.payload)
 
     # --- lasting state across a restart ---------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -32,36 +32,68 @@ class LocalGrid:
         self.on_reply = on_reply
 
     def exchange(self, messages: list[Message]) -> list[Reply]:
+        size = self.runtime.cfg.federation.batch_clients
+        replies: list[Reply] = []
+        for start in range(0, len(messages), size):
+            chunk = messages[start : start + size]
+            batched = self._batched(chunk) if len(chunk) > 1 else None
+            for reply in batched if batched is not None else map(self._one, chunk):
+                replies.append(reply)
+                if self.on_reply is not None:
+                    self.on_reply(reply)
+        return replies
+
+    def _one(self, message: Message) -> Reply:
+        cost = ClientCost(
+            bytes_down=message.payload.tensor_bytes,
+            scalar_bytes_down=message.payload.scalar_bytes,
+        )
+        payload, error = None, None
+        with measure(self.device, self.runtime.cfg.federation.count_flops) as m:
+            try:
+                payload = self.runtime.handle(message)
+            except Exception as exc:  # a failing client is recorded and left out, the run goes on
+                error = f"{type(exc).__name__}: {exc}"
+                if self.runtime.cfg.privacy.mode == "client":  # who took part is secret
+                    log.warning("a client failed in round %d", message.round)
+                else:
+                    log.warning(
+                        "client %d failed in round %d: %s", message.client, message.round, error
+                    )
+        cost.seconds, cost.peak_rss_bytes, cost.peak_cuda_bytes, cost.flops = (
+            m.seconds,
+            m.peak_rss_bytes,
+            m.peak_cuda_bytes,
+            m.flops,
+        )
+        if payload is not None:
+            cost.bytes_up, cost.scalar_bytes_up = payload.tensor_bytes, payload.scalar_bytes
+        return Reply(message.client, message.kind, payload, error, cost)
+
+    def _batched(self, chunk: list[Message]) -> list[Reply] | None:
+        """The chunk's clients in one forward pass a step (`federation.batch_clients`), each
+        charged an equal share of the time and the chunk's peak memory; None where the method
+        cannot, or the joined round failed (its clients then run one by one, so that a failing
+        client fails alone)."""
+        with measure(self.device, self.runtime.cfg.federation.count_flops) as m:
+            try:
+                payloads = self.runtime.handle_batch(chunk)
+            except Exception as exc:
+                log.warning("batched clients failed (%s); training them one by one", exc)
+                return None
+        if payloads is None:
+            return None
         replies = []
-        for message in messages:
+        for message, payload in zip(chunk, payloads, strict=True):
             cost = ClientCost(
                 bytes_down=message.payload.tensor_bytes,
                 scalar_bytes_down=message.payload.scalar_bytes,
+                bytes_up=payload.tensor_bytes,
+                scalar_bytes_up=payload.scalar_bytes,
+                seconds=m.seconds / len(chunk),
+                peak_rss_bytes=m.peak_rss_bytes,
+                peak_cuda_bytes=m.peak_cuda_bytes,
+                flops=m.flops // len(chunk),
             )
-            payload, error = None, None
-            with measure(self.device, self.runtime.cfg.federation.count_flops) as m:
-                try:
-                    payload = self.runtime.handle(message)
-                except (
-                    Exception
-                ) as exc:  # a failing client is recorded and left out, the run goes on
-                    error = f"{type(exc).__name__}: {exc}"
-                    if self.runtime.cfg.privacy.mode == "client":  # who took part is secret
-                        log.warning("a client failed in round %d", message.round)
-                    else:
-                        log.warning(
-                            "client %d failed in round %d: %s", message.client, message.round, error
-                        )
-            cost.seconds, cost.peak_rss_bytes, cost.peak_cuda_bytes, cost.flops = (
-                m.seconds,
-                m.peak_rss_bytes,
-                m.peak_cuda_bytes,
-                m.flops,
-            )
-            if payload is not None:
-                cost.bytes_up, cost.scalar_bytes_up = payload.tensor_bytes, payload.scalar_bytes
-            reply = Reply(message.client, message.kind, payload, error, cost)
-            replies.append(reply)
-            if self.on_reply is not None:
-                self.on_reply(reply)
+            replies.append(Reply(message.client, message.kind, payload, None, cost))
         return replies

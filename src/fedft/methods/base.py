@@ -18,10 +18,17 @@ from fedft.config import RunConfig
 from fedft.data.encode import TensorData
 from fedft.errors import ConfigError, ModelError
 from fedft.federation.aggregation import Tensors
+from fedft.federation.batched import batchable, train_batched
 from fedft.federation.client import ClientContext, Handler
 from fedft.federation.payload import Payload
 from fedft.federation.server import FedAvgServer, Server
-from fedft.federation.training import evaluate, read_state, train_locally, write_state
+from fedft.federation.training import (
+    evaluate,
+    local_steps,
+    read_state,
+    train_locally,
+    write_state,
+)
 from fedft.models.backbone import TaskModel
 from fedft.privacy.dp_sgd import dp_scalars, train_privately
 
@@ -136,6 +143,45 @@ class Method:
             if ctx.cfg.privacy.mode == "none":
                 scalars["train_loss"] = stats.mean_loss
         return Payload(read_state(ctx.model, ctx.trainable), scalars)
+
+    def client_train_batch(
+        self, ctxs: list[ClientContext], payloads: list[Payload]
+    ) -> list[Payload] | None:
+        """`client_train` of several clients in one forward pass a step
+        (`federation.batch_clients`), each example through its own client's tensors; None where
+        that does not apply (DP, a method with its own client round, a trained tensor outside a
+        Linear), and the clients then train one after another. Clients that take different
+        numbers of steps train in separate groups."""
+        first = ctxs[0]
+        own_round = type(self).client_train is not Method.client_train
+        if own_round or first.cfg.privacy.mode != "none":
+            return None
+        if not batchable(first.model, first.trainable):
+            return None
+        out: list[Payload | None] = [None] * len(ctxs)
+        groups: dict[int, list[int]] = {}
+        for i, ctx in enumerate(ctxs):
+            groups.setdefault(local_steps(ctx.cfg.train, len(ctx.train_rows)), []).append(i)
+        for members in groups.values():
+            trained, stats = train_batched(
+                first.model,
+                first.trainable,
+                first.data.train,
+                [ctxs[i].train_rows for i in members],
+                [payloads[i].tensors for i in members],
+                first.cfg.train,
+                self.lr(first.cfg),
+                [ctxs[i].seed for i in members],
+                first.device,
+            )
+            for i, tensors, s in zip(members, trained, stats, strict=True):
+                scalars = {
+                    "num_examples": s.num_examples,
+                    "steps": s.steps,
+                    "train_loss": s.mean_loss,
+                }
+                out[i] = Payload(tensors, scalars)
+        return [p for p in out if p is not None]
 
     def client_evaluate(self, ctx: ClientContext, payload: Payload) -> Payload:
         write_state(ctx.model, payload.tensors)
