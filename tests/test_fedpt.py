@@ -244,7 +244,9 @@ def test_test_accuracy_scores_the_proxy_of_the_clients_aggregate_not_the_distill
     small model distillation made (the next round's start) and its proxy."""
 
     def one_round(name: str, steps: int):
-        sets = {**PAIR, "federation.rounds": 1, "method.distill_steps": steps}
+        # a fixed alpha: alpha=auto may choose 0, where the proxy is the large model whatever
+        # the small one learned, and the distilled proxy could not differ
+        sets = {**PAIR, "federation.rounds": 1, "method.distill_steps": steps, "method.alpha": 1.0}
         cfg = tiny_config(tmp_path, "fedpt", **{**sets, "method.distill_lr": 1e-2})
         task = build_task(cfg)
         server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
