@@ -41,6 +41,7 @@ NOT_REPRODUCIBLE = {
     "client_peak_rss_mb",
     "client_peak_cuda_mb",
     "server_peak_rss_mb",
+    "run_seconds",
 }
 
 FEDPFT = {  # tests/test_fedpft.py's SMALL, fewer steps, re-aligning at round 2 (before the kill)
