@@ -68,7 +68,10 @@ DEFAULT_LR = {  # all and lora: `benchmarks/run.py zo-sweep` (docs/benchmarks.md
 # All weights under a head that is already meaningful (zero-shot, or trained exactly): the body
 # only refines, and 3e-3 (a fresh head's pick) throws the start away. `zo-learns-sweep`.
 SETTLED_HEAD_LR_ALL = 1e-4
-DEFAULT_HEAD_LR = 1e-1  # the pick of zo-learns-sweep (MiniLM) and of zo-learns-smollm2's sweep
+# The exact head's SGD lr: zo-learns-sweep's pick on MiniLM's zero-shot head; on a causal LM's
+# label-word rows 1e-1 diverged (SmolLM2: training loss 22 in the first round, whatever the body
+# lr) where 1e-2 held (zo-learns-smollm2's sweep)
+DEFAULT_HEAD_LR = {"encoder": 1e-1, "causal": 1e-2}
 NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
 SYNCED = "synced."  # client-state prefix of the parameters it last synced
 HEAD = "head."  # payload prefix of an exact head's tensors (they travel whole)
@@ -151,6 +154,7 @@ class Zo(Method):
         self.start: str = self.options.start
         self.head: str = self.options.head
         self.private = False
+        self.generative = False
         self.body_names: list[str] = []  # the parameters SPSA perturbs (seeds and scalars)
 
     @classmethod
@@ -188,6 +192,7 @@ class Zo(Method):
     # --- what trains -------------------------------------------------------------------------
     def attach(self, model: TaskModel) -> None:
         o = self.options
+        self.generative = model.generative
         self.start = o.start
         if o.start == "auto":  # a causal LM's label words are its zero-shot answer already
             self.start = "zero_shot" if model.kind == "text" and not model.generative else "task"
@@ -214,7 +219,9 @@ class Zo(Method):
     def head_lr(self) -> float | None:
         if self.head != "exact":
             return None
-        return self.options.head_lr if self.options.head_lr is not None else DEFAULT_HEAD_LR
+        if self.options.head_lr is not None:
+            return self.options.head_lr
+        return DEFAULT_HEAD_LR["causal" if self.generative else "encoder"]
 
     def select_trainable(self, model: TaskModel) -> list[str]:
         names = self.inner.select_trainable(model)
