@@ -5,14 +5,10 @@ does to a short federated run's loss and Rouge-L against fp32."""
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from common import ROOT, SHARED, machine, run_job, write_section
+from common import SHARED, in_child, machine, run_job, write_section
 
 REPEATS, WARMUP, MEASURED = 3, 1, 4
 DATA = {
@@ -78,17 +74,7 @@ def one_client(precision: str, checkpointing: bool, bucketed: bool) -> dict:
 
 
 def probe(precision: str, checkpointing: bool, bucketed: bool) -> dict:
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import causal_speed; "
-        f"print(json.dumps(causal_speed.one_client({precision!r}, {checkpointing}, {bucketed})))"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"[bench] causal-speed probe failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_child("causal_speed", f"one_client({precision!r}, {checkpointing}, {bucketed})")
 
 
 def run(out: Path) -> str:

@@ -135,6 +135,22 @@ def run_lr(run_dir: Path) -> float:
     return get_method(cfg.method.name)(cfg.method_options()).lr(cfg)
 
 
+def in_child(module: str, call: str) -> dict:
+    """`module.call` (a benchmarks/ module, a call that returns JSON-able data) in a fresh
+    Python process, so that its memory and imports are its own; what it returned."""
+    code = (
+        f"import json, sys; sys.path.insert(0, 'benchmarks'); import {module}; "
+        f"print(json.dumps({module}.{call}))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"[bench] {module}.{call} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def format_lr(lr: float) -> str:
     """A learning rate as a table shows it: 1e-3, 3e-4, 2.5e-5."""
     mantissa, exponent = f"{lr:.1e}".split("e")

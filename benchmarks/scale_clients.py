@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT, SHARED, machine, write_section
+from common import ROOT, SHARED, in_child, machine, write_section
 
 POPULATIONS = [10, 100, 1_000, 10_000]
 ROUNDS = 4
@@ -153,18 +153,12 @@ def batched_rows() -> list[str]:
         "|---|---|---|---|---|",
     ]
     for label, sets in BATCHED.items():
-        code = (
-            "import json, sys; sys.path.insert(0, 'benchmarks'); import scale_clients; "
-            f"print(json.dumps(scale_clients.batched_speed({sets!r})))"
-        )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        done = subprocess.run(
-            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
-        )
-        if done.returncode != 0:
+        try:
+            got = in_child("scale_clients", f"batched_speed({sets!r})")
+        except SystemExit as failed:
+            print(failed, flush=True)
             rows.append(f"| {label} | {sets['train.batch_size']} | failed | | |")
             continue
-        got = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(
             f"| {label} | {sets['train.batch_size']} | {got['sequential']:.2f} | "
             f"{got['batched']:.2f} | {got['batched'] / got['sequential']:.2f}x |"

@@ -7,16 +7,13 @@ client peak memory measured in a process that holds only the client's model, aga
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from common import (
-    ROOT,
     SHARED,
     format_lr,
+    in_child,
     machine,
     median_round_seconds,
     run_job,
@@ -242,20 +239,8 @@ def one_client(sets: dict, inference: bool) -> dict:
 
 def client_peak(sets: dict, inference: bool = False, repeats: int = 3) -> float:
     payload = json.dumps(json.dumps(sets, default=str))
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import zo_learns; "
-        f"print(json.dumps(zo_learns.one_client(json.loads({payload}), {inference})))"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    peaks = []
-    for _ in range(repeats):
-        done = subprocess.run(
-            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"[bench] client probe failed:\n{done.stderr[-2000:]}")
-        peaks.append(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
-    return statistics.median(peaks)
+    call = f"one_client(json.loads({payload}), {inference})"
+    return statistics.median(in_child("zo_learns", call)["peak_rss_mb"] for _ in range(repeats))
 
 
 def _rows(results: dict, untuned: dict, peaks: dict, inference: float, steps: float) -> list[str]:
