@@ -128,7 +128,7 @@ def run(out_dir: Path) -> str:
         "Bytes are counted from the tensors in the records sent.",
         "",
         "| engine | lr | wall time | s / round | slowest client's s / round | peak memory | client step peak RSS | bytes per round (up+down) | final accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, summary, wall, peak in rows:
         per_round = summary["total_bytes"] / summary["rounds_completed"]
