@@ -144,12 +144,12 @@ def run(out_dir: Path) -> str:
     deployment, local = rows[2], rows[0]
     lines += [
         "",
-        f"The deployment took {deployment[2] / local[2]:.1f}x the local engine's wall time (before "
-        "the warm worker, 337 s against 55 s: 6x). Seconds a round leave out the global "
-        "evaluation; the slowest client's seconds are its handler's time inside the worker. On "
-        "this machine the 4 SuperNodes, their ClientApp processes, the worker, the SuperLink and "
-        "the ServerApp share 2 cores, so a client's step is slower than on the local engine, and "
-        "each round adds Flower's message round trips.",
+        f"The deployment took {deployment[2] / local[2]:.1f}x the local engine's wall time. "
+        "Seconds a round leave out the global evaluation; the slowest client's seconds are its "
+        "handler's time inside the warm worker. On this machine the 4 SuperNodes, their "
+        "ClientApp processes, the worker, the SuperLink and the ServerApp share 2 cores; how the "
+        "rest of a round divides between that sharing and Flower's message round trips was not "
+        "measured.",
     ]
     lines += [
         "",

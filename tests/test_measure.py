@@ -83,3 +83,17 @@ def test_a_full_fine_tuning_round_costs_three_forward_passes_a_step(tmp_path):
     assert summary["client_flops_per_round"] == statistics.mean(
         line["client_flops_mean"] for line in lines
     )
+
+
+def test_flops_are_not_counted_under_dp(tmp_path):
+    """A DP client's FLOPs would count the rows of its Poisson batches, which DP keeps secret."""
+    import pytest
+
+    from fedft.errors import ConfigError
+    from fedft.federation.engine import build_task
+
+    from helpers import tiny_config
+
+    sets = {"federation.count_flops": True, "privacy.mode": "sample", "privacy.epsilon": 8}
+    with pytest.raises(ConfigError, match="count them in a run without DP"):
+        build_task(tiny_config(tmp_path, "lora", **sets))

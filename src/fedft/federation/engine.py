@@ -93,6 +93,12 @@ def check_privacy(cfg: RunConfig, method: Method, data: FederatedData) -> None:
     mode = cfg.privacy.mode
     if mode == "none":
         return
+    if cfg.federation.count_flops:
+        raise ConfigError(
+            f"federation.count_flops under privacy.mode={mode}: a client's FLOPs count the rows "
+            "it trained on, which DP keeps secret (Poisson batches, who took part); count them "
+            "in a run without DP"
+        )
     if mode not in method.privacy_modes:
         from fedft.methods import available_methods, get_method
 
