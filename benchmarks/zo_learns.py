@@ -263,6 +263,30 @@ def _rows(results: dict, untuned: dict, peaks: dict, inference: float, steps: fl
     return rows
 
 
+def _verdicts(results: dict, peaks: dict, plain_label: str, dp_label: str) -> list[str]:
+    """The section's targets against its numbers: the best zo variant against `lora`, its memory
+    against inference, DP at epsilon 6 against the same variant without DP."""
+    best_label = max(
+        (k for k in results if k.startswith("zo") and "DP" not in k),
+        key=lambda k: results[k][0]["final_accuracy"],
+    )
+    best = results[best_label][0]["final_accuracy"]
+    lora = results["lora (backprop)"][0]["final_accuracy"]
+    dp6 = results[dp_label][0]["final_accuracy"]
+    plain_private = results[plain_label][0]["final_accuracy"]
+    return [
+        f"- Best zo variant ({best_label}): {100 * best:.1f}% against `lora` backprop's "
+        f"{100 * lora:.1f}%: {'within' if lora - best <= 0.05 else 'not within'} 5 points "
+        f"(gap {100 * (lora - best):.1f}).",
+        f"- Its client peak memory: {peaks[best_label]:.0f} MB, "
+        f"{peaks[best_label] / peaks['inference']:.2f}x inference's {peaks['inference']:.0f} MB "
+        f"({'within' if peaks[best_label] <= 1.2 * peaks['inference'] else 'over'} 1.2x).",
+        f"- DP at epsilon 6 ({100 * dp6:.1f}%) against the same variant without DP "
+        f"({100 * plain_private:.1f}%): {'within' if plain_private - dp6 <= 0.02 else 'not within'} 2 "
+        "points (the exact head is not offered under DP, so the DP rows use zo's head).",
+    ]
+
+
 def run(out: Path) -> str:
     for label, sets in MINILM_RUNS.items():
         run_job(_slug("minilm", label), out, {**MINILM, **sets})
@@ -288,25 +312,7 @@ def render(out: Path, peaks: dict | None = None) -> str:
         peaks["inference"] = client_peak({**probe, **ZERO_SHOT}, inference=True)
     steps = ROUNDS * PER_ROUND * STEPS / 10  # each client's share of the rounds' steps
     rows = _rows(results, untuned, peaks, peaks["inference"], steps)
-    best_label = max(
-        (k for k in results if k.startswith("zo") and "DP" not in k),
-        key=lambda k: results[k][0]["final_accuracy"],
-    )
-    best = results[best_label][0]["final_accuracy"]
-    lora = results["lora (backprop)"][0]["final_accuracy"]
-    dp6 = results["zo, zero-shot start, DP eps=6"][0]["final_accuracy"]
-    plain_private = results["zo, zero-shot start"][0]["final_accuracy"]
-    verdicts = [
-        f"- Best zo variant ({best_label}): {100 * best:.1f}% against `lora` backprop's "
-        f"{100 * lora:.1f}%: {'within' if lora - best <= 0.05 else 'not within'} 5 points "
-        f"(gap {100 * (lora - best):.1f}).",
-        f"- Its client peak memory: {peaks[best_label]:.0f} MB, "
-        f"{peaks[best_label] / peaks['inference']:.2f}x inference's {peaks['inference']:.0f} MB "
-        f"({'within' if peaks[best_label] <= 1.2 * peaks['inference'] else 'over'} 1.2x).",
-        f"- DP at epsilon 6 ({100 * dp6:.1f}%) against the same variant without DP "
-        f"({100 * plain_private:.1f}%): {'within' if plain_private - dp6 <= 0.02 else 'not within'} 2 "
-        "points (the exact head is not offered under DP, so the DP rows use zo's head).",
-    ]
+    verdicts = _verdicts(results, peaks, "zo, zero-shot start", "zo, zero-shot start, DP eps=6")
     body = f"""
 ## `zo` that learns (SST-2, MiniLM with a zero-shot head, 10 clients)
 
@@ -353,21 +359,7 @@ def run_smollm2(out: Path) -> str:
     steps = SMOL_ROUNDS * PER_ROUND * SMOL_STEPS / 10
     rows = _rows(results, untuned, peaks, peaks["inference"], steps)
     rows[2] = rows[2].replace("untuned start (zero-shot)", "untuned start (label words)")
-    zo_rows = [k for k in results if k.startswith("zo") and "DP" not in k]
-    best_label = max(zo_rows, key=lambda k: results[k][0]["final_accuracy"])
-    best = results[best_label][0]["final_accuracy"]
-    lora = results["lora (backprop)"][0]["final_accuracy"]
-    plain = results["zo on LoRA (zo head)"][0]["final_accuracy"]
-    dp6 = results["zo on LoRA (zo head), DP eps=6"][0]["final_accuracy"]
-    verdicts = [
-        f"- Best zo variant ({best_label}): {100 * best:.1f}% against `lora` backprop's "
-        f"{100 * lora:.1f}%: {'within' if lora - best <= 0.05 else 'not within'} 5 points "
-        f"(gap {100 * (lora - best):.1f}); its client peak {peaks[best_label]:.0f} MB is "
-        f"{peaks[best_label] / peaks['inference']:.2f}x inference's "
-        f"({'within' if peaks[best_label] <= 1.2 * peaks['inference'] else 'over'} 1.2x).",
-        f"- DP at epsilon 6 ({100 * dp6:.1f}%) against the same variant without DP "
-        f"({100 * plain:.1f}%): {'within' if plain - dp6 <= 0.02 else 'not within'} 2 points.",
-    ]
+    verdicts = _verdicts(results, peaks, "zo on LoRA (zo head)", "zo on LoRA (zo head), DP eps=6")
     body_text = f"""
 ## `zo` that learns on SmolLM2 (SST-2 as label words, 10 clients)
 
