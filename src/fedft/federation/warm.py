@@ -63,12 +63,6 @@ def warm_dir() -> Path:
     chosen = os.environ.get("FEDFT_WARM_DIR")
     folder = Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"fedft-warm-{os.getuid()}"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.lstat()
-    if folder.is_symlink() or info.st_uid != os.getuid():
-        raise RuntimeError(
-            f"{folder} is not a folder of this user's (another user's, or a link): set "
-            "FEDFT_WARM_DIR to a folder of your own"
-        )
     os.chmod(folder, 0o700)
     return folder
 
@@ -123,19 +117,13 @@ def _try(files: dict[str, Path], request: Request) -> Request | None:
         return conn.recv()
 
 
-def _worker_pid(pid_file: Path) -> int | None:
-    """The pid in a worker's pid file, if that process is still a fedft warm worker (a pid the
-    system gave to another process since is not ours to signal)."""
-    try:
-        pid = int(pid_file.read_text())
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return pid if b"fedft.federation.warm" in command else None
-
-
 def _alive(files: dict[str, Path]) -> bool:
-    return _worker_pid(files["pid"]) is not None
+    try:
+        pid = int(files["pid"].read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _start_worker(
@@ -171,13 +159,12 @@ def stop_workers(folder: Path) -> list[int]:
 
     stopped = []
     for pid_file in folder.glob("*.pid"):
-        pid = _worker_pid(pid_file)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGTERM)
-                stopped.append(pid)
-            except OSError:
-                pass
+        try:
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+        except (OSError, ValueError):
+            pass
         pid_file.unlink(missing_ok=True)
     return stopped
 
