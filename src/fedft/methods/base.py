@@ -128,9 +128,17 @@ class Method:
     def client_handlers(self) -> dict[str, Handler]:
         return {"train": self.client_train, "evaluate": self.client_evaluate}
 
+    def client_start(self, ctx: ClientContext, tensors: Tensors) -> Tensors:
+        """The tensors a client writes into its model from a train request. Default: as sent."""
+        return tensors
+
+    def client_result(self, ctx: ClientContext, tensors: Tensors) -> Tensors:
+        """What a client sends back of its trained tensors. Default: all of them."""
+        return tensors
+
     def client_train(self, ctx: ClientContext, payload: Payload) -> Payload:
         """Local backprop on the trainable tensors; DP-SGD under `privacy.mode=sample`."""
-        write_state(ctx.model, payload.tensors)
+        write_state(ctx.model, self.client_start(ctx, payload.tensors))
         args = (ctx.model, ctx.trainable, ctx.data.train, ctx.train_rows)
         if ctx.cfg.privacy.mode == "sample":
             stats, plan = train_privately(*args, ctx.cfg, self.lr(ctx.cfg), ctx.seed, ctx.device)
@@ -142,7 +150,7 @@ class Method:
             # under DP the loss stays home: no mechanism noises it
             if ctx.cfg.privacy.mode == "none":
                 scalars["train_loss"] = stats.mean_loss
-        return Payload(read_state(ctx.model, ctx.trainable), scalars)
+        return Payload(self.client_result(ctx, read_state(ctx.model, ctx.trainable)), scalars)
 
     def client_train_batch(
         self, ctxs: list[ClientContext], payloads: list[Payload]

@@ -39,7 +39,7 @@ from fedft.methods.fedpft.submodel import (
     resolve_layers,
     write_slices,
 )
-from fedft.methods.lora import Lora, LoraOptions
+from fedft.methods.lora import LoraAdapters, LoraOptions
 from fedft.models.backbone import TaskModel, load_like, resolve_device
 
 HELD = "held."  # client state: the sub-model tensors this client was sent
@@ -81,7 +81,7 @@ class FedPftOptions(LoraOptions, PublicDataOptions):
 
 
 @register
-class FedPft(Lora):
+class FedPft(LoraAdapters):
     name = "fedpft"
     summary = "proxy fine-tuning: LoRA on a distilled sub-model with fewer FFN neurons"
     options_model = FedPftOptions
@@ -122,7 +122,7 @@ class FedPft(Lora):
         return ffns
 
     def attach(self, model: TaskModel) -> None:
-        Lora(LoraOptions.part_of(self.options)).attach(model)
+        LoraAdapters(LoraOptions.part_of(self.options)).attach(model)
         self.client_model = model
         self.ffns = self.compress(model)
 
@@ -202,7 +202,7 @@ class FedPft(Lora):
         the same way the clients' is; the public inputs if distillation is on."""
         assert self.client_model is not None, "prepare() the model first"
         full = load_like(self.client_model, cfg)
-        Lora(LoraOptions.part_of(self.options)).attach(full)
+        LoraAdapters(LoraOptions.part_of(self.options)).attach(full)
         sub = copy.deepcopy(full)
         ffns = self.compress(sub)
         device = resolve_device(cfg.device)

@@ -44,7 +44,7 @@ from fedft.methods.fedpt.logits import (
     vocabulary_space,
 )
 from fedft.methods.fedpt.server import CausalFedPtServer, FedPtServer
-from fedft.methods.lora import Lora, LoraOptions
+from fedft.methods.lora import LoraAdapters, LoraOptions
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device
 from fedft.models.causal import load_causal_lm
 from fedft.models.zero_shot import keep_blocks, keep_first_blocks, make_zero_shot
@@ -91,7 +91,7 @@ class FedPtOptions(LoraOptions, PublicDataOptions):
 
 
 @register
-class FedPt(Lora):
+class FedPt(LoraAdapters):
     name = "fedpt"
     summary = "proxy-tuning: a small LoRA model steers a black-box large model's logits"
     options_model = FedPtOptions
@@ -145,7 +145,7 @@ class FedPt(Lora):
         lora = LoraOptions(
             r=o.r, alpha=o.lora_alpha, dropout=o.dropout, target_modules=o.target_modules
         )
-        Lora(lora).attach(model)
+        LoraAdapters(lora).attach(model)
 
     def attach(self, model: TaskModel) -> None:
         if model.kind != "text":
