@@ -18,6 +18,7 @@ import fedpft_sst2  # noqa: E402
 import fedpt_generate  # noqa: E402
 import fedpt_text  # noqa: E402
 import generate_headlines  # noqa: E402
+import lora_aggregation  # noqa: E402
 import methods_sst2  # noqa: E402
 import sfprompt_text  # noqa: E402
 import zo_learns  # noqa: E402
@@ -44,6 +45,7 @@ SECTIONS = {
     "fedpt-generate": fedpt_generate.run,
     "scale": scale_clients.run,
     "causal-speed": causal_speed.run,
+    "lora-aggregation": lora_aggregation.run,
 }
 
 
