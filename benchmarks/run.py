@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import causal_speed  # noqa: E402
+import lora_aggregation  # noqa: E402
 import scale_clients  # noqa: E402
 
 import client_memory  # noqa: E402
@@ -18,7 +19,6 @@ import fedpft_sst2  # noqa: E402
 import fedpt_generate  # noqa: E402
 import fedpt_text  # noqa: E402
 import generate_headlines  # noqa: E402
-import lora_aggregation  # noqa: E402
 import methods_sst2  # noqa: E402
 import sfprompt_text  # noqa: E402
 import zo_learns  # noqa: E402
