@@ -27,10 +27,16 @@ COMMON = {
 STRATEGIES = {  # row label: settings
     "mean, r = 8": {"method.aggregation": "mean", "method.r": 8},
     "exact, r = 8": {"method.aggregation": "exact", "method.r": 8},
-    "mean, ranks 4/8/16": {"method.aggregation": "mean", "method.r": 16,
-                           "method.client_ranks": "[4,8,16]"},  # fmt: skip
-    "exact, ranks 4/8/16": {"method.aggregation": "exact", "method.r": 16,
-                            "method.client_ranks": "[4,8,16]"},  # fmt: skip
+    "mean, ranks 4/8/16": {
+        "method.aggregation": "mean",
+        "method.r": 16,
+        "method.client_ranks": "[4,8,16]",
+    },  # fmt: skip
+    "exact, ranks 4/8/16": {
+        "method.aggregation": "exact",
+        "method.r": 16,
+        "method.client_ranks": "[4,8,16]",
+    },  # fmt: skip
 }
 
 
