@@ -14,8 +14,11 @@ LABELS = [i % 4 for i in range(1000)]
         DataConfig(partition="iid"),
         DataConfig(partition="dirichlet", alpha=0.3, min_partition_size=5),
         DataConfig(partition="pathological", classes_per_client=2),
+        DataConfig(partition="shard", shards_per_client=2),
+        DataConfig(partition="linear"),
+        DataConfig(partition="square"),
     ],
-    ids=["iid", "dirichlet", "pathological"],
+    ids=["iid", "dirichlet", "pathological", "shard", "linear", "square"],
 )
 def test_partitions_cover_every_row_once(cfg: DataConfig):
     parts = partition_rows(LABELS, cfg, clients=8, num_labels=4, seed=3)
@@ -63,6 +66,30 @@ def test_pathological_gives_each_client_its_classes():
     )
     for p in parts:
         assert len(set(np.asarray(LABELS)[p].tolist())) == 1
+
+
+def test_shard_clients_hold_their_shards_labels():
+    """Rows sorted by label, cut into 2 x 8 shards of near-equal size: each client holds 2, so at most
+    2 labels plus one where a shard straddles a label boundary, and equal sizes."""
+    labels = sorted(LABELS)
+    parts = partition_rows(labels, DataConfig(partition="shard"), 8, 4, seed=1)
+    assert all(124 <= len(p) <= 126 for p in parts)  # 16 shards of 62 or 63 rows
+    held = [len(set(np.asarray(labels)[p].tolist())) for p in parts]
+    assert max(held) <= 3 and np.mean(held) <= 2.5
+
+
+@pytest.mark.parametrize(("scheme", "grow"), [("linear", 1), ("square", 2)])
+def test_size_partitions_grow_as_their_rule_with_every_label(scheme: str, grow: int):
+    """Client i's share is (i+1)^grow of the total; the rows are shuffled first, so a label-sorted
+    file still gives every large client every label."""
+    labels = sorted(LABELS)
+    parts = partition_rows(labels, DataConfig(partition=scheme), 5, 4, seed=2)
+    weights = np.array([(i + 1) ** grow for i in range(5)], dtype=float)
+    expected = weights / weights.sum() * len(labels)
+    assert (
+        np.abs(np.array([len(p) for p in parts]) - expected).max() <= 5
+    )  # floors; the last takes the rest
+    assert all(len(set(np.asarray(labels)[p].tolist())) == 4 for p in parts[1:])
 
 
 def test_same_seed_same_partition():

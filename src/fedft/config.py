@@ -73,10 +73,23 @@ class DataConfig(Section):
     max_test_samples: int | None = Field(
         None, ge=1, description="seeded subset of the global test set (None: all)"
     )
-    partition: Literal["auto", "iid", "dirichlet", "pathological", "column"] = Field(
+    partition: Literal[
+        "auto",
+        "iid",
+        "dirichlet",
+        "pathological",
+        "shard",
+        "column",
+        "linear",
+        "square",
+        "exponential",
+    ] = Field(
         "auto",
         description="how training data is split across clients (auto: dirichlet where the data "
-        "has classes, else iid; column: one client per value of data.partition_column)",
+        "has classes, else iid; shard: rows sorted by label cut into shards, "
+        "data.shards_per_client each (McMahan et al. 2017); column: one client per value of "
+        "data.partition_column; linear / square / exponential: IID rows, client i's share of "
+        "them growing as i+1, (i+1)^2 or e^i)",
     )
     partition_column: str | None = Field(
         None,
@@ -89,6 +102,9 @@ class DataConfig(Section):
     )
     classes_per_client: int = Field(
         2, ge=1, description="classes each client holds with 'pathological'"
+    )
+    shards_per_client: int = Field(
+        2, ge=1, description="label-sorted shards each client holds with 'shard'"
     )
     min_partition_size: int = Field(
         10, ge=1, description="smallest client partition 'dirichlet' accepts"

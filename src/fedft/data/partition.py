@@ -13,15 +13,24 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import (
+    ExponentialPartitioner,
     IidPartitioner,
+    LinearPartitioner,
     Partitioner,
     PathologicalPartitioner,
+    SquarePartitioner,
 )
 
 from fedft.config import DataConfig
 from fedft.errors import DataError
 
 ROW = "__row__"
+# size skew (client i's share grows as i+1, (i+1)^2, e^i), labels as they come
+SIZED = {
+    "linear": LinearPartitioner,
+    "square": SquarePartitioner,
+    "exponential": ExponentialPartitioner,
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ def _partitioner(
 ) -> Partitioner:
     if scheme == "iid":
         return IidPartitioner(num_partitions=clients)
+    if scheme in SIZED:
+        return SIZED[scheme](num_partitions=clients)
     if cfg.classes_per_client > num_labels:
         raise DataError(
             f"data.classes_per_client={cfg.classes_per_client} but the data has only {num_labels} classes"
@@ -91,6 +102,21 @@ def dirichlet_rows(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def shard_rows(labels: np.ndarray, clients: int, shards: int, seed: int) -> list[np.ndarray]:
+    """McMahan et al.'s pathological split: rows sorted by label (shuffled within a label), cut
+    into clients x shards contiguous shards of near-equal size, `shards` random ones a client.
+    flwr-datasets' ShardPartitioner cuts equal shards and drops the remainder (62 of 1,000 rows
+    at 8 x 2); here every row lands once."""
+    rng = np.random.default_rng(seed)
+    by_label = np.lexsort((rng.random(len(labels)), labels))
+    pieces = np.array_split(by_label, clients * shards)
+    order = rng.permutation(clients * shards)
+    return [
+        np.sort(np.concatenate([pieces[i] for i in order[c * shards : (c + 1) * shards]]))
+        for c in range(clients)
+    ]
+
+
 def column_rows(values: list[str], clients: int, column: str) -> list[np.ndarray]:
     """Natural clients: the rows of each distinct value of a column (an author, a topic, a site),
     as FedLLM-Bench splits by user. One client per value, in sorted order of the values; with more
@@ -136,7 +162,16 @@ def partition_rows(
                 "lower data.min_partition_size or use fewer clients"
             )
         return dirichlet_rows(np.asarray(labels), clients, cfg.alpha, cfg.min_partition_size, seed)
-    table = datasets.Dataset.from_dict({"label": labels, ROW: list(range(len(labels)))})
+    if scheme == "shard":
+        if not num_labels:
+            raise DataError("data.partition=shard sorts rows by label; this data has no labels")
+        return shard_rows(np.asarray(labels), clients, cfg.shards_per_client, seed)
+    order = np.arange(len(labels))
+    if scheme in SIZED:  # they cut the rows in order: shuffled first, so only sizes differ
+        order = np.random.default_rng(seed).permutation(len(labels))
+    table = datasets.Dataset.from_dict(
+        {"label": np.asarray(labels)[order].tolist(), ROW: order.tolist()}
+    )
     partitioner = _partitioner(scheme, cfg, clients, num_labels, seed)
     partitioner.dataset = table
     with warnings.catch_warnings():
