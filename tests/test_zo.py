@@ -4,6 +4,7 @@ clients, DP on the scalar (noise, clipping, epsilon, budgets), and that no backw
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,28 @@ def test_clients_of_a_process_share_one_copy_of_their_synced_version(tmp_path: P
     assert len(kept) == 20 * len(names)  # one copy per client: what sharing saves
     for name, value in server.global_state.items():
         assert torch.equal(value, own_server.global_state[name]), name
+
+
+def test_starting_weights_of_killed_processes_are_removed_and_live_ones_kept():
+    """A zo client's version-0 file outlives a process killed before its exit hook; the next
+    zo process removes it by the dead pid in its name, and leaves a live process's alone."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from fedft.methods.zo import START_PREFIX, remove_orphaned_starts
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid names no process now
+    tmp = Path(tempfile.gettempdir())
+    orphan = tmp / f"{START_PREFIX}{finished.pid}-test.safetensors"
+    mine = tmp / f"{START_PREFIX}{os.getpid()}-test.safetensors"
+    for path in (orphan, mine):
+        path.write_bytes(b"x")
+    try:
+        remove_orphaned_starts()
+        assert not orphan.exists()
+        assert mine.exists()
+    finally:
+        orphan.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)

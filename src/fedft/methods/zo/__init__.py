@@ -77,6 +77,24 @@ SYNCED = "synced."  # client-state prefix of the parameters it last synced
 HEAD = "head."  # payload prefix of an exact head's tensors (they travel whole)
 
 
+START_PREFIX = "fedft-zo-start-"  # + the pid of the process that keeps it
+
+
+def remove_orphaned_starts() -> None:
+    """Starting weights left by this user's processes that were killed before their exit hook
+    ran (a stopped SuperNode, a timed-out job): the pid in the name is gone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{START_PREFIX}*-*.safetensors"):
+        pid = path.name.removeprefix(START_PREFIX).split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:  # alive under another user, or the file went meanwhile
+            continue
+
+
 @dataclass
 class SyncedCopy:
     """The one copy a process keeps of a synced version, and the client states that refer to it
@@ -254,7 +272,12 @@ class Zo(Method):
         """Every party holds the starting weights (version 0). A client keeps them on disk, as a
         device keeps its downloaded checkpoint: they are read only to replay from version 0, and
         a copy in memory would cost as much as the trainable weights themselves."""
-        handle, name = tempfile.mkstemp(prefix="fedft-zo-start-", suffix=".safetensors")
+        remove_orphaned_starts()
+        if self._initial_file is not None:  # prepared again in this process
+            self._initial_file.unlink(missing_ok=True)
+        handle, name = tempfile.mkstemp(
+            prefix=f"{START_PREFIX}{os.getpid()}-", suffix=".safetensors"
+        )
         os.close(handle)
         self._initial_file = Path(name)
         save_file(state, str(self._initial_file))
