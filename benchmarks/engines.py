@@ -55,23 +55,28 @@ class TreeMemory:
         self.peak = max(self.peak, total)
 
 
-def flower_job(name: str, out_dir: Path, simulation: bool) -> tuple[dict, float, int]:
+def flower_job(
+    name: str, out_dir: Path, simulation: bool, sets: dict | None = None, clients: int = CLIENTS
+) -> tuple[dict, float, int]:
+    """One run on a fresh Flower federation of `clients` nodes (or Ray's virtual clients): its
+    summary, wall time from starting the SuperLink, and the federation's peak summed RSS."""
     work = out_dir / f"{name}-federation"
     shutil.rmtree(work, ignore_errors=True)
     fed = Federation(work, simulation=simulation)
-    sets = {**SETS, "data.source": str(SHARED / "sst2"), "name": name, "output_dir": str(out_dir)}
+    sets = {**(sets or SETS), "data.source": str(SHARED / "sst2"), "name": name,
+            "output_dir": str(out_dir)}  # fmt: skip
     shutil.rmtree(out_dir / name, ignore_errors=True)
     print(f"[bench] {name}: Flower {'simulation' if simulation else 'deployment'}", flush=True)
     try:
         start = time.perf_counter()
         fed.start_superlink()
         if not simulation:
-            for c in range(CLIENTS):
-                fed.start_supernode(f"node{c}", f"partition-id={c} num-partitions={CLIENTS}")
+            for c in range(clients):
+                fed.start_supernode(f"node{c}", f"partition-id={c} num-partitions={clients}")
         memory = TreeMemory([p.pid for p in fed.procs.values()], Path(fed.env["FEDFT_WARM_DIR"]))
         run_id = fed.run_app(
             'fedft-set="' + "; ".join(f"{k}={v}" for k, v in sets.items()) + '"',
-            federation_config=f"num-supernodes={CLIENTS} client-resources-num-cpus=1"
+            federation_config=f"num-supernodes={clients} client-resources-num-cpus=1"
             if simulation
             else None,
         )

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import causal_speed  # noqa: E402
 import lora_aggregation  # noqa: E402
 import scale_clients  # noqa: E402
+import secure_aggregation  # noqa: E402
 
 import client_memory  # noqa: E402
 import demo_noniid  # noqa: E402
@@ -46,6 +47,7 @@ SECTIONS = {
     "scale": scale_clients.run,
     "causal-speed": causal_speed.run,
     "lora-aggregation": lora_aggregation.run,
+    "secure-aggregation": secure_aggregation.run,
 }
 
 

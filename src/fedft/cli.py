@@ -64,7 +64,12 @@ class TqdmProgress:
 
 def _run(args: argparse.Namespace) -> int:
     from fedft.config import build_config, validate_config
-    from fedft.federation.engine import build_task, make_server, run_federation
+    from fedft.federation.engine import (
+        LOCAL_SECURE_AGGREGATION,
+        build_task,
+        make_server,
+        run_federation,
+    )
     from fedft.metrics import rundir
     from fedft.metrics.report import format_summary
 
@@ -123,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         server = make_server(task)
     else:
         cfg = build_config(args.config, args.set, base=shortcuts)
+        if cfg.federation.secure_aggregation:
+            raise FedftError(LOCAL_SECURE_AGGREGATION)
         task = build_task(cfg)  # every input check happens here, before any file is written
         server = make_server(task)  # and the server's own (a model or data only it loads)
         run_dir, lock = rundir.new_run_dir(cfg, args.overwrite)

@@ -236,6 +236,25 @@ class FederationConfig(Section):
         description="count each client's floating-point operations (torch's FlopCounterMode: "
         "matmuls, convolutions, attention; not elementwise ops) into the metrics",
     )
+    secure_aggregation: bool = Field(
+        False,
+        description="Flower: the server learns only the weighted sum of the clients' updates, "
+        "never one client's (Flower's SecAgg+ workflow and client mod, with its quantization); "
+        "for methods whose server needs only that sum (full, head, bias, adapter, prompt, lora "
+        "with one rank and aggregation=mean); the local engine refuses it (no separate parties)",
+    )
+    secagg_clip_range: float = Field(
+        1.0,
+        gt=0,
+        description="SecAgg+: every value of a client's update (trained minus sent) must lie "
+        "within this range either side of zero; quantization steps are 2 x range / 2^22",
+    )
+    secagg_max_weight: float = Field(
+        1000.0,
+        gt=0,
+        description="SecAgg+: the largest training-row count a client weighs with (Flower's "
+        "max_weight); an update is scaled by rows / max_weight before quantization",
+    )
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = Field(
         "fedavg", description="how the server applies the mean update"
     )

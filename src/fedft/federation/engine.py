@@ -405,7 +405,21 @@ def make_summary(
 def make_server(task: Task) -> Server:
     """The method's server, from the task's starting trainable state. It may load models and data
     of its own (a full model, a large model, public inputs) and refuse what does not fit."""
-    return task.method.make_server(task.cfg, read_state(task.model, task.method.trainable_names))
+    server = task.method.make_server(task.cfg, read_state(task.model, task.method.trainable_names))
+    if task.cfg.federation.secure_aggregation and not server.aggregates_a_sum():
+        raise ConfigError(
+            f"federation.secure_aggregation: the server of method '{task.cfg.method.name}' needs "
+            "more than the sum of the clients' tensors (its own aggregation, a round of several "
+            "exchanges, or client-level DP's per-client clipping); secure aggregation serves "
+            "full, head, bias, adapter, prompt and lora (aggregation=mean, one rank)"
+        )
+    return server
+
+
+LOCAL_SECURE_AGGREGATION = (
+    "federation.secure_aggregation runs on a Flower deployment (`flwr run flower-app ...`): the "
+    "local engine holds every client in one process, so no party is kept from any update"
+)
 
 
 def refuse_non_finite(server: Server, round_number: int) -> None:
@@ -473,6 +487,8 @@ def run_federation(
     fingerprint = run_fingerprint(task)
     runtime: ClientRuntime | None = None  # the clients, when they live in this process
     if grid is None:
+        if cfg.federation.secure_aggregation:
+            raise ConfigError(LOCAL_SECURE_AGGREGATION)
         runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
         grid = LocalGrid(runtime, task.device, on_reply=progress.client_done if progress else None)
     first_round, history = 1, []

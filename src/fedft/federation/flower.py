@@ -23,6 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -35,7 +36,7 @@ from flwr.app import (
 from flwr.serverapp import Grid as FlowerGridApi
 from flwr.serverapp import ServerApp
 
-from fedft.config import RunConfig
+from fedft.config import FederationConfig, RunConfig
 from fedft.errors import FedftError, RunStopped
 from fedft.federation import warm
 from fedft.federation.client import ClientRuntime
@@ -167,6 +168,169 @@ class FlowerGrid:
             replies.append(Reply(m.client, m.kind, payload, None, cost))
         order = {m.client: i for i, m in enumerate(messages)}
         return sorted(replies + missing, key=lambda r: order[r.client])
+
+    def secure_mean(
+        self, messages: list[FedftMessage], cfg: FederationConfig
+    ) -> tuple[dict[str, torch.Tensor], list[Reply]]:
+        """One SecAgg+ round (Flower's workflow: keys, shares, masked updates, unmasking): the
+        nodes send their updates (trained minus sent) quantized and masked; only the
+        example-weighted mean comes back. Bytes: every record of the four stages, both ways."""
+        from flwr.app import ArrayRecord as Arrays
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+
+        by_node = {
+            self.node_of_client[m.client]: m for m in messages if m.client in self.node_of_client
+        }
+        missing = [
+            Reply(m.client, m.kind, None, "no SuperNode serves this client", ClientCost())
+            for m in messages
+            if m.client not in self.node_of_client
+        ]
+        if len(by_node) < 2:
+            raise RunStopped(
+                f"federation.secure_aggregation needs at least 2 clients a round, not {len(by_node)}; "
+                "raise federation.sample_fraction or federation.sample_count"
+            )
+        names = list(next(iter(by_node.values())).payload.tensors)
+        counting = _CountingGrid(self.grid)
+        strategy = _secure_mean_strategy(by_node, names, counting)
+        round_number = next(iter(by_node.values())).round
+        context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=strategy)
+        context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({"current_round": round_number})
+        context.state[MAIN_PARAMS_RECORD] = Arrays()
+        workflow = SecAggPlusWorkflow(
+            SECURE_SHARES,
+            SECURE_THRESHOLD,
+            clipping_range=cfg.secagg_clip_range,
+            max_weight=cfg.secagg_max_weight,
+            timeout=self.timeout,
+        )
+        workflow(counting, context)
+        replies = []
+        for node, m in by_node.items():
+            cost = ClientCost(
+                bytes_down=counting.down.get(node, 0), bytes_up=counting.up.get(node, 0)
+            )
+            measured = counting.costs.get(node, {})
+            cost.seconds = float(measured.get("seconds", 0.0))
+            cost.peak_rss_bytes = int(measured.get("peak_rss_bytes", 0))
+            cost.peak_cuda_bytes = int(measured.get("peak_cuda_bytes", 0))
+            cost.flops = int(measured.get("flops", 0))
+            self.wire_bytes += cost.bytes_down + cost.bytes_up
+            if strategy.mean is None or node not in strategy.scalars:
+                error = "dropped out of the secure aggregation round"
+                replies.append(Reply(m.client, m.kind, None, error, cost))
+                continue
+            replies.append(Reply(m.client, m.kind, Payload({}, strategy.scalars[node]), None, cost))
+        if strategy.mean is None:
+            raise RunStopped(
+                f"round {round_number}: secure aggregation halted (too few nodes answered to "
+                "unmask the sum); the last checkpoint is kept, fix the nodes and --resume"
+            )
+        mean = {n: torch.from_numpy(a).reshape(by_node[next(iter(by_node))].payload.tensors[n].shape)
+                for n, a in zip(names, strategy.mean, strict=True)}  # fmt: skip
+        order = {m.client: i for i, m in enumerate(messages)}
+        return mean, sorted(replies + missing, key=lambda r: order[r.client])
+
+
+# --- secure aggregation (Flower's SecAgg+ workflow; nodes run its client mod) -----------------------
+SECURE_SHARES = 1.0  # each sampled node's secrets are shared with every other sampled node
+SECURE_THRESHOLD = 2 / 3  # shares that rebuild a dropped node's mask: two thirds of them
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, str | bytes):
+        return len(value)
+    return 1 if isinstance(value, bool) else 8  # as Flower counts: 64-bit numbers
+
+
+def _record_bytes(content: RecordDict) -> int:
+    """Bytes of every record, as Flower's `count_bytes` counts them (an empty text, which it
+    refuses to count, as 0)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ConfigRecord):
+            total += sum(len(k) + _value_bytes(v) for k, v in record.items())
+        else:
+            total += record.count_bytes()
+    return total
+
+
+class _CountingGrid:
+    """Flower's grid, counting every record each node is sent and sends back, by node."""
+
+    def __init__(self, grid: FlowerGridApi):
+        self.grid = grid
+        self.down: dict[int, int] = {}
+        self.up: dict[int, int] = {}
+        self.costs: dict[int, dict[str, float]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.down[node] = self.down.get(node, 0) + _record_bytes(m.content)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.has_error():
+                continue
+            node = r.metadata.src_node_id
+            self.up[node] = self.up.get(node, 0) + _record_bytes(r.content)
+            if "cost" in r.content:  # the training step's own measurements
+                self.costs[node] = dict(r.content["cost"])
+        return replies
+
+
+def _secure_mean_strategy(messages: dict[int, FedftMessage], names: list[str], grid: Any):
+    """The legacy Strategy the SecAgg+ workflow asks: the train requests to send, and where to
+    put the unmasked mean it hands back."""
+    from flwr.common import FitIns, ndarray_to_bytes, parameters_to_ndarrays
+    from flwr.common import Parameters as LegacyParameters
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.strategy import Strategy
+
+    class SecureMean(Strategy):
+        def __init__(self) -> None:
+            self.mean: list[Any] | None = None
+            self.scalars: dict[int, dict[str, Any]] = {}
+
+        def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001
+            out = []
+            for node, m in messages.items():
+                tensors = [ndarray_to_bytes(m.payload.tensors[n].numpy()) for n in names]
+                config = {"client": m.client, "round": m.round, "kind": m.kind,
+                          "fedft.names": "\n".join(names), **m.payload.scalars}  # fmt: skip
+                fit = FitIns(LegacyParameters(tensors=tensors, tensor_type="numpy.ndarray"), config)
+                out.append((GridClientProxy(node, grid, 0), fit))
+            return out
+
+        def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001
+            if results:  # the workflow gives every result the one unmasked mean
+                self.mean = parameters_to_ndarrays(results[0][1].parameters)
+            for proxy, fit in results:
+                self.scalars[proxy.node_id] = dict(fit.metrics)
+            return None, {}
+
+        def initialize_parameters(self, client_manager):  # noqa: ANN001
+            return None
+
+        def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001
+            return None, {}
+
+        def evaluate(self, server_round, parameters):  # noqa: ANN001
+            return None
+
+    return SecureMean()
 
 
 def discover_clients(grid: FlowerGridApi, cfg: RunConfig) -> dict[int, int]:
@@ -309,12 +473,12 @@ def _client_runtime(context: Context) -> ClientRuntime:
     return runtime
 
 
-def reply_in_process(msg: Message, context: Context) -> Message:
-    """Answer a message with a runtime of this process (`fedft-warm=false`, or simulation)."""
-    meta = dict(msg.content["meta"])
+def answer_in_process(content: RecordDict, context: Context) -> RecordDict:
+    """Answer a request with a runtime of this process (`fedft-warm=false`, or simulation)."""
+    meta = dict(content["meta"])
     client = node_client(context)
     runtime = _client_runtime(context)
-    request = FedftMessage(client, str(meta["kind"]), from_records(msg.content), int(meta["round"]))
+    request = FedftMessage(client, str(meta["kind"]), from_records(content), int(meta["round"]))
     # The state lives in context.state; the runtime holds it only for this request, so a runtime
     # shared by many virtual clients does not keep a copy of each one's state.
     runtime.states[client] = load_client_state(context.state)
@@ -324,8 +488,8 @@ def reply_in_process(msg: Message, context: Context) -> Message:
         save_client_state(runtime.states[client], context.state)
     finally:
         runtime.states.pop(client, None)
-    content = to_records(payload, {"client": int(meta["client"])})
-    content["cost"] = MetricRecord(
+    answer = to_records(payload, {"client": int(meta["client"])})
+    answer["cost"] = MetricRecord(
         {
             "seconds": m.seconds,
             "peak_rss_bytes": m.peak_rss_bytes,
@@ -333,4 +497,4 @@ def reply_in_process(msg: Message, context: Context) -> Message:
             "flops": float(m.flops),
         }
     )
-    return Message(content, reply_to=msg)
+    return answer

@@ -25,7 +25,21 @@ from fedft.federation import warm
 
 STATE_TENSORS, STATE_SCALARS = "fedft.state.tensors", "fedft.state.scalars"
 
-client_app = ClientApp()
+
+def _secure_aggregation(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's SecAgg+ client mod on the messages of a SecAgg+ round (its key, share and unmask
+    stages it answers itself; its training stage calls the train handler below); every other
+    message passes as it came."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from flwr.client.mod import secaggplus_mod
+
+    return secaggplus_mod(msg, context, call_next)
+
+
+client_app = ClientApp(mods=[_secure_aggregation])
 
 
 def node_client(context: Context) -> int:
@@ -55,27 +69,73 @@ def array_record(tensors: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def _reply(msg: Message, context: Context) -> Message:
-    meta = dict(msg.content["meta"])
+    if "fitins.config" in msg.content.config_records:
+        return Message(_secure_train(msg.content, context), reply_to=msg)
+    return Message(_answer(msg.content, context), reply_to=msg)
+
+
+def _secure_train(content: RecordDict, context: Context) -> RecordDict:
+    """A SecAgg+ round's training step: the request comes as the workflow's FitIns (the tensors
+    in order, their names and fedft's fields in its config); the reply is a FitRes whose
+    parameters are the update, trained minus sent, which the mod quantizes and masks. The row
+    count goes as the FitRes weight (masked too); the training loss stays home."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+    from flwr.compat.common import recorddict_compat as compat
+
+    fit = compat.recorddict_to_fitins(content, keep_input=True)
+    config = dict(fit.config)
+    names = str(config.pop("fedft.names")).split("\n")  # a legacy config holds no lists
+    meta = {k: config.pop(k) for k in ("client", "round", "kind")}
+    sent = dict(zip(names, parameters_to_ndarrays(fit.parameters), strict=True))
+    request = RecordDict(
+        {
+            "tensors": array_record(sent),
+            "scalars": ConfigRecord(config),
+            "meta": ConfigRecord(meta),
+        }
+    )
+    answer = _answer(request, context)
+    trained = arrays(answer["tensors"])
+    scalars = dict(answer["scalars"])
+    rows = int(scalars.pop("num_examples"))
+    scalars.pop("train_loss", None)
+    clip = float(context.state.config_records[RECORD_KEY_STATE]["clipping_range"])
+    update = [trained[n].astype(np.float64) - sent[n].astype(np.float64) for n in names]
+    largest = max((float(np.abs(u).max()) for u in update if u.size), default=0.0)
+    if largest > clip:
+        raise ValueError(
+            f"a value of this client's update ({largest:.3g}) lies outside "
+            f"federation.secagg_clip_range={clip:g}; raise it (quantization coarsens with it)"
+        )
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), rows, scalars)
+    out = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    out["cost"] = answer["cost"]
+    return out
+
+
+def _answer(content: RecordDict, context: Context) -> RecordDict:
+    meta = dict(content["meta"])
     client = node_client(context)
     if meta["kind"] == "hello":
-        return Message(RecordDict({"meta": ConfigRecord({"client": client})}), reply_to=msg)
+        return RecordDict({"meta": ConfigRecord({"client": client})})
     if not warm_enabled(context):
-        from fedft.federation.flower import reply_in_process
+        from fedft.federation.flower import answer_in_process
 
-        return reply_in_process(msg, context)
+        return answer_in_process(content, context)
     request = {
         "client": client,
         "kind": str(meta["kind"]),
         "round": int(meta["round"]),
-        "tensors": arrays(msg.content.get("tensors")),
-        "scalars": dict(msg.content["scalars"]) if "scalars" in msg.content else {},
+        "tensors": arrays(content.get("tensors")),
+        "scalars": dict(content["scalars"]) if "scalars" in content else {},
         "state": arrays(context.state.get(STATE_TENSORS)),
         "state_scalars": dict(context.state.get(STATE_SCALARS) or {}),
     }
     answer = warm.call(dict(context.run_config), dict(context.node_config), request)
     context.state[STATE_TENSORS] = array_record(answer["state"])
     context.state[STATE_SCALARS] = ConfigRecord(answer["state_scalars"])
-    content = RecordDict(
+    return RecordDict(
         {
             "tensors": array_record(answer["tensors"]),
             "scalars": ConfigRecord(answer["scalars"]),
@@ -83,7 +143,6 @@ def _reply(msg: Message, context: Context) -> Message:
             "cost": MetricRecord(answer["cost"]),
         }
     )
-    return Message(content, reply_to=msg)
 
 
 @client_app.train()

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from fedft.config import FederationConfig
 from fedft.federation.client import ClientRuntime
 from fedft.federation.payload import ClientCost, Message, Reply
 from fedft.metrics.measure import measure
@@ -21,6 +22,16 @@ log = logging.getLogger("fedft")
 
 class Grid(Protocol):
     def exchange(self, messages: list[Message]) -> list[Reply]: ...
+
+
+class SecureGrid(Grid, Protocol):
+    def secure_mean(
+        self, messages: list[Message], cfg: FederationConfig
+    ) -> tuple[dict[str, torch.Tensor], list[Reply]]:
+        """Train requests whose replies reach the server only as their example-weighted mean
+        update (trained minus sent, per tensor), with each client's costs and its public scalars
+        (never its row count or loss)."""
+        ...
 
 
 class LocalGrid:

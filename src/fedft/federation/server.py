@@ -70,6 +70,11 @@ class Server:
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         raise NotImplementedError
 
+    def aggregates_a_sum(self) -> bool:
+        """Whether a round needs no more of the clients than the weighted sum of their tensors
+        (what secure aggregation reveals). Default: no."""
+        return False
+
     def evaluation_models(self, task_model: TaskModel) -> dict[str, nn.Module]:
         """The models that score the global state, by metric prefix (`test` is the run's
         accuracy), each already carrying it. Default: the process's own model; a server that
@@ -194,14 +199,30 @@ class FedAvgServer(Server):
         super().__init__(cfg, initial)
         self.optimizer = ServerOptimizer(cfg.federation)
 
+    def aggregates_a_sum(self) -> bool:
+        """The plain round: a weighted mean, unless a subclass aggregates or follows up its own
+        way; client-level DP clips each client's update, which a sum hides."""
+        own = (FedAvgServer.run_round, FedAvgServer.aggregate, FedAvgServer.after_round)
+        mine = (type(self).run_round, type(self).aggregate, type(self).after_round)
+        return mine == own and self.population is None
+
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         clients, spent = self.admit(round_number, clients)
         messages = [
             Message(c, "train", self.train_payload(c, round_number), round_number) for c in clients
         ]
-        replies = grid.exchange(messages) if messages else []
-        ok = self.require_replies(replies, round_number)
-        aggregate, metrics = self.aggregate(ok, round_number)
+        if self.cfg.federation.secure_aggregation:  # the grid returns the mean update only
+            mean_update, replies = grid.secure_mean(messages, self.cfg.federation)
+            ok = self.require_replies(replies, round_number)
+            aggregate = {
+                k: (v.to(torch.float64) + mean_update[k].to(torch.float64)).to(v.dtype)
+                for k, v in self.global_state.items()
+            }
+            metrics: dict[str, Any] = {}
+        else:
+            replies = grid.exchange(messages) if messages else []
+            ok = self.require_replies(replies, round_number)
+            aggregate, metrics = self.aggregate(ok, round_number)
         self.global_state = self.optimizer.step(self.global_state, aggregate)
         metrics["train_loss"] = mean_train_loss(ok)
         metrics.update(self.after_round(round_number, messages, replies, ok))

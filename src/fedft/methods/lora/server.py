@@ -52,6 +52,11 @@ class LoraServer(FedAvgServer):
         factor_names = {n for p in self.pairs for n in (p.a, p.b, p.residual)}
         self.other_names = [n for n in self.global_state if n not in factor_names]
 
+    def aggregates_a_sum(self) -> bool:
+        """`mean` of one rank is the weighted mean of every tensor; `exact` needs each client's
+        B·A, mixed ranks each slot's holders."""
+        return not self.exact and not self.client_ranks and self.population is None
+
     def client_rank(self, client: int) -> int:
         return rank_of(self.client_ranks, self.rank, client)
 
