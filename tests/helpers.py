@@ -142,3 +142,19 @@ def tiny_llama_config(tmp_path: Path, method: str = "lora", **sets: object) -> R
     }
     base.update(sets)
     return tiny_config(tmp_path, method, "tiny-llama", **base)
+
+
+def sets_string(sets: dict) -> str:
+    """Overrides as a Flower run config's `fedft-set` value."""
+    return "; ".join(f"{k}={'null' if v is None else v}" for k, v in sets.items())
+
+
+def local_run(tmp_path: Path, sets: dict) -> tuple[dict, list[dict]]:
+    """The same settings on the local engine, in `tmp_path/local/run`: a Flower run's reference."""
+    from fedft.federation.engine import build_task, run_federation
+
+    cfg = build_config(base={**sets, "output_dir": str(tmp_path / "local")})
+    run_dir = Path(cfg.output_dir) / "run"
+    rundir.start_run_dir(run_dir, "{}", overwrite=False)
+    summary = run_federation(build_task(cfg), run_dir)
+    return summary, rundir.read_metrics(run_dir)

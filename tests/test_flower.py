@@ -12,14 +12,12 @@ import pytest
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
-from fedft.config import build_config
 from fedft.federation import flower
-from fedft.federation.engine import build_task, run_federation
 from fedft.federation.loopback import Federation
 from fedft.federation.training import derived_seed
 from fedft.metrics import rundir
 
-from helpers import write_generation_data
+from helpers import local_run, sets_string, write_generation_data
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +31,6 @@ BASE = {
     "federation.sample_fraction": 1.0,
     "train.max_steps": 2,
 }
-
-
-def sets_string(sets: dict) -> str:
-    return "; ".join(f"{k}={'null' if v is None else v}" for k, v in sets.items())
-
-
-def local_run(tmp_path: Path, sets: dict) -> tuple[dict, list[dict]]:
-    cfg = build_config(base={**sets, "output_dir": str(tmp_path / "local")})
-    run_dir = Path(cfg.output_dir) / "run"
-    rundir.start_run_dir(run_dir, "{}", overwrite=False)
-    summary = run_federation(build_task(cfg), run_dir)
-    return summary, rundir.read_metrics(run_dir)
 
 
 def own_dataset(folder: Path, rows: int = 60) -> Path:

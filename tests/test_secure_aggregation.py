@@ -17,8 +17,7 @@ from fedft.federation.engine import build_task, make_server
 from fedft.federation.loopback import Federation
 from fedft.metrics import rundir
 
-from helpers import TINY_CLI, tiny_config
-from test_flower import local_run, sets_string
+from helpers import TINY_CLI, local_run, sets_string, tiny_config
 
 BASE = {
     "model.name": "tiny-bert",
