@@ -47,6 +47,7 @@ SECTIONS = {
     "scale": scale_clients.run,
     "causal-speed": causal_speed.run,
     "lora-aggregation": lora_aggregation.run,
+    "lora-aggregation-smollm2": lora_aggregation.run_smollm2,
     "secure-aggregation": secure_aggregation.run,
 }
 

@@ -49,25 +49,41 @@ def federation(tmp_path_factory):
     assert all(p.poll() is not None for p in fed.procs.values())
 
 
+# client-level DP with noise the local run draws the same: the nodes clip, the server noises
+# the sum SecAgg+ reveals, and the result is the local engine's (which clips on the server)
+CLIENT_DP = {
+    "privacy.mode": "client",
+    "privacy.epsilon": 8,
+    "privacy.clip": 0.05,
+    "privacy.reproducible_noise_not_private": True,
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "bias"])
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("lora", {}), ("bias", {}), ("lora", CLIENT_DP)],
+    ids=["lora", "bias", "lora-client-dp"],
+)
 def test_secagg_round_equals_plain_fedavg_within_quantization(
-    federation, tmp_path: Path, method: str
+    federation, tmp_path: Path, method: str, extra: dict
 ):
-    sets = {**BASE, **SECURE, "method.name": method, "name": f"secagg-{method}",
+    sets = {**BASE, **SECURE, **extra, "method.name": method, "name": f"secagg-{method}",
             "output_dir": str(tmp_path / "runs")}  # fmt: skip
     run_id = federation.run_app(f'fedft-set="{sets_string(sets)}"')
     assert federation.wait(run_id) == "finished:completed", federation.logs(run_id)
     run_dir = tmp_path / "runs" / f"secagg-{method}"
     (line,) = rundir.read_metrics(run_dir)
     summary = json.loads((run_dir / rundir.SUMMARY).read_text())
-    assert line["clients"] == [0, 1, 2] and not line["failed"]
+    if not extra:  # (a client-level DP line withholds who took part)
+        assert line["clients"] == [0, 1, 2] and not line["failed"]
     assert line["train_loss"] is None  # no client's loss reaches the server
 
-    _, local_lines = local_run(tmp_path, {**BASE, "method.name": method})
+    local_summary, local_lines = local_run(tmp_path, {**BASE, **extra, "method.name": method})
+    assert summary.get("privacy") == local_summary.get("privacy")
     secure, _ = rundir.load_checkpoint(run_dir)
     plain, _ = rundir.load_checkpoint(tmp_path / "local" / "run")
-    start = build_task(build_config(base={**BASE, "method.name": method}))
+    start = build_task(build_config(base={**BASE, **extra, "method.name": method}))
     initial = {n: p.detach() for n, p in start.model.named_parameters()}
     # Each update is scaled by rows / max_weight, quantized in steps of 2 x clip / 2^22 and
     # summed over 3 nodes, then divided by the summed weights (about 2): well under 1e-5.
@@ -79,6 +95,8 @@ def test_secagg_round_equals_plain_fedavg_within_quantization(
         moved = max(moved, float(change.abs().max()))
     assert moved > 5e-4  # the round moved the model: the agreement is not that of two copies
 
+    if extra:
+        return  # a client-level DP line keeps no per-client bytes
     # The protocol's records (keys, shares, masked updates, unmasking) are counted both ways,
     # and cost more than the plain exchange of the same tensors.
     for way in ("bytes_up", "bytes_down"):
@@ -95,8 +113,7 @@ def test_secure_aggregation_refuses_the_local_engine_and_other_servers(tmp_path:
     err = capsys.readouterr().err
     assert "Flower deployment" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing written
-    for method, extra in (("zo", {}), ("lora", {"method.aggregation": "exact"}),
-                          ("lora", {"privacy.mode": "client", "privacy.epsilon": 8})):  # fmt: skip
+    for method, extra in (("zo", {}), ("lora", {"method.aggregation": "exact"})):
         cfg = tiny_config(tmp_path, method, **{"federation.secure_aggregation": True, **extra})
         with pytest.raises(ConfigError, match="needs more than the sum"):
             make_server(build_task(cfg))

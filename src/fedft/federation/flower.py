@@ -170,11 +170,12 @@ class FlowerGrid:
         return sorted(replies + missing, key=lambda r: order[r.client])
 
     def secure_mean(
-        self, messages: list[FedftMessage], cfg: FederationConfig
+        self, messages: list[FedftMessage], cfg: FederationConfig, clip: float | None = None
     ) -> tuple[dict[str, torch.Tensor], list[Reply]]:
         """One SecAgg+ round (Flower's workflow: keys, shares, masked updates, unmasking): the
         nodes send their updates (trained minus sent) quantized and masked; only the
-        example-weighted mean comes back. Bytes: every record of the four stages, both ways."""
+        example-weighted mean comes back (with `clip`: each node clips its update to that L2
+        norm and weighs 1). Bytes: every record of the four stages, both ways."""
         from flwr.app import ArrayRecord as Arrays
         from flwr.server.compat.legacy_context import LegacyContext
         from flwr.server.workflow import SecAggPlusWorkflow
@@ -195,7 +196,8 @@ class FlowerGrid:
             )
         names = list(next(iter(by_node.values())).payload.tensors)
         counting = _CountingGrid(self.grid)
-        strategy = _secure_mean_strategy(by_node, names, counting)
+        extra = {"fedft.clip": float(clip)} if clip is not None else {}
+        strategy = _secure_mean_strategy(by_node, names, counting, extra)
         round_number = next(iter(by_node.values())).round
         context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=strategy)
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({"current_round": round_number})
@@ -204,7 +206,7 @@ class FlowerGrid:
             SECURE_SHARES,
             SECURE_THRESHOLD,
             clipping_range=cfg.secagg_clip_range,
-            max_weight=cfg.secagg_max_weight,
+            max_weight=cfg.secagg_max_weight if clip is None else 1.0,  # every weight is 1
             timeout=self.timeout,
         )
         workflow(counting, context)
@@ -288,7 +290,9 @@ class _CountingGrid:
         return replies
 
 
-def _secure_mean_strategy(messages: dict[int, FedftMessage], names: list[str], grid: Any):
+def _secure_mean_strategy(
+    messages: dict[int, FedftMessage], names: list[str], grid: Any, extra: dict[str, Any]
+):
     """The legacy Strategy the SecAgg+ workflow asks: the train requests to send, and where to
     put the unmasked mean it hands back."""
     from flwr.common import FitIns, ndarray_to_bytes, parameters_to_ndarrays
@@ -306,7 +310,7 @@ def _secure_mean_strategy(messages: dict[int, FedftMessage], names: list[str], g
             for node, m in messages.items():
                 tensors = [ndarray_to_bytes(m.payload.tensors[n].numpy()) for n in names]
                 config = {"client": m.client, "round": m.round, "kind": m.kind,
-                          "fedft.names": "\n".join(names), **m.payload.scalars}  # fmt: skip
+                          "fedft.names": "\n".join(names), **extra, **m.payload.scalars}  # fmt: skip
                 fit = FitIns(LegacyParameters(tensors=tensors, tensor_type="numpy.ndarray"), config)
                 out.append((GridClientProxy(node, grid, 0), fit))
             return out

@@ -87,6 +87,7 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     config = dict(fit.config)
     names = str(config.pop("fedft.names")).split("\n")  # a legacy config holds no lists
     meta = {k: config.pop(k) for k in ("client", "round", "kind")}
+    clip = config.pop("fedft.clip", None)  # client-level DP: clip here, count once
     sent = dict(zip(names, parameters_to_ndarrays(fit.parameters), strict=True))
     request = RecordDict(
         {
@@ -100,13 +101,17 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     scalars = dict(answer["scalars"])
     rows = int(scalars.pop("num_examples"))
     scalars.pop("train_loss", None)
-    clip = float(context.state.config_records[RECORD_KEY_STATE]["clipping_range"])
     update = [trained[n].astype(np.float64) - sent[n].astype(np.float64) for n in names]
+    if clip is not None:
+        norm = float(np.sqrt(sum(float(np.square(u).sum()) for u in update)))
+        update = [u * min(1.0, float(clip) / max(norm, 1e-12)) for u in update]
+        rows = 1
+    bound = float(context.state.config_records[RECORD_KEY_STATE]["clipping_range"])
     largest = max((float(np.abs(u).max()) for u in update if u.size), default=0.0)
-    if largest > clip:
+    if largest > bound:
         raise ValueError(
             f"a value of this client's update ({largest:.3g}) lies outside "
-            f"federation.secagg_clip_range={clip:g}; raise it (quantization coarsens with it)"
+            f"federation.secagg_clip_range={bound:g}; raise it (quantization coarsens with it)"
         )
     fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), rows, scalars)
     out = compat.fitres_to_recorddict(fit_res, keep_input=True)

@@ -26,11 +26,12 @@ class Grid(Protocol):
 
 class SecureGrid(Grid, Protocol):
     def secure_mean(
-        self, messages: list[Message], cfg: FederationConfig
+        self, messages: list[Message], cfg: FederationConfig, clip: float | None = None
     ) -> tuple[dict[str, torch.Tensor], list[Reply]]:
         """Train requests whose replies reach the server only as their example-weighted mean
         update (trained minus sent, per tensor), with each client's costs and its public scalars
-        (never its row count or loss)."""
+        (never its row count or loss). With `clip`, each client clips its update to that L2
+        norm over all its tensors and counts once (client-level DP)."""
         ...
 
 

@@ -22,7 +22,7 @@ from fedft.federation.payload import Message, Payload, Reply
 from fedft.federation.training import write_state
 from fedft.models.backbone import TaskModel
 from fedft.privacy.accounting import POPULATION, PrivacyLedger, plan_population
-from fedft.privacy.client_level import noisy_mean_update
+from fedft.privacy.client_level import noised_mean, noisy_mean_update
 from fedft.privacy.noise import dp_random
 
 log = logging.getLogger("fedft")
@@ -200,24 +200,19 @@ class FedAvgServer(Server):
         self.optimizer = ServerOptimizer(cfg.federation)
 
     def aggregates_a_sum(self) -> bool:
-        """The plain round: a weighted mean, unless a subclass aggregates or follows up its own
-        way; client-level DP clips each client's update, which a sum hides."""
+        """The plain round: a weighted mean (or client-level DP's noised mean of clipped
+        updates), unless a subclass aggregates or follows up its own way."""
         own = (FedAvgServer.run_round, FedAvgServer.aggregate, FedAvgServer.after_round)
-        mine = (type(self).run_round, type(self).aggregate, type(self).after_round)
-        return mine == own and self.population is None
+        return (type(self).run_round, type(self).aggregate, type(self).after_round) == own
 
     def run_round(self, round_number: int, grid: Grid, clients: list[int]) -> RoundOutcome:
         clients, spent = self.admit(round_number, clients)
         messages = [
             Message(c, "train", self.train_payload(c, round_number), round_number) for c in clients
         ]
-        if self.cfg.federation.secure_aggregation:  # the grid returns the mean update only
-            mean_update, replies = grid.secure_mean(messages, self.cfg.federation)
+        if self.cfg.federation.secure_aggregation:
+            aggregate, replies = self.secure_aggregate(grid, messages, round_number)
             ok = self.require_replies(replies, round_number)
-            aggregate = {
-                k: (v.to(torch.float64) + mean_update[k].to(torch.float64)).to(v.dtype)
-                for k, v in self.global_state.items()
-            }
             metrics: dict[str, Any] = {}
         else:
             replies = grid.exchange(messages) if messages else []
@@ -227,6 +222,33 @@ class FedAvgServer(Server):
         metrics["train_loss"] = mean_train_loss(ok)
         metrics.update(self.after_round(round_number, messages, replies, ok))
         return RoundOutcome(replies, {**metrics, **self.account(ok, spent)})
+
+    def secure_aggregate(
+        self, grid: Grid, messages: list[Message], round_number: int
+    ) -> tuple[Tensors, list[Reply]]:
+        """The round's aggregate when the grid reveals only the mean update (SecAgg+). Under
+        client-level DP the clients clip their updates to C and count equally, and the server
+        noises the sum; a round with fewer than 2 participants (Poisson sampling) sends nothing,
+        since a sum of one is that client's update, and releases the noise alone."""
+        current = self.global_state
+        if self.population is None:
+            mean, replies = grid.secure_mean(messages, self.cfg.federation)
+            return {
+                k: (v.to(torch.float64) + mean[k].to(torch.float64)).to(v.dtype)
+                for k, v in current.items()
+            }, replies
+        clip = self.cfg.privacy.clip
+        if len(messages) >= 2:
+            mean, replies = grid.secure_mean(messages, self.cfg.federation, clip=clip)
+            answered = sum(r.ok for r in replies)
+            total = {k: mean[k].to(torch.float64) * answered for k in current}
+        else:
+            total, replies = (
+                {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in current.items()},
+                [],
+            )
+        noise = dp_random(self.cfg.privacy, self.cfg.seed, round_number, SERVER_NOISE_TAG)
+        return noised_mean(current, total, self.population, clip, noise), replies
 
     def train_payload(self, client: int, round_number: int) -> Payload:
         """What a client is sent to train: the global tensors (a method may add its own)."""

@@ -7,9 +7,12 @@ fixed denominator keeps one client's influence on the mean at C / m, which is wh
 assumes. Clients count equally; weighting by example count would let a client with many rows move
 the mean further than C / m.
 
-The clipping runs on the server, which sees each update (no secure aggregation here): the
-guarantee covers the models the server releases, every round's global state, and whatever is
-computed from them.
+The clipping runs on the server, which sees each update: the guarantee covers the models the
+server releases, every round's global state, and whatever is computed from them. Under secure
+aggregation (`federation.secure_aggregation`, Flower) each client clips its own update, SecAgg+
+gives the server only the sum of the clipped updates, and the server adds the noise to that sum
+(`noised_mean`): the server is still trusted to add it (it sees the sum before the noise, never
+one client's update), as in central DP.
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ def update_norm(update: Tensors) -> float:
     return math.sqrt(sum(float(t.to(torch.float64).square().sum()) for t in update.values()))
 
 
+def noised_mean(
+    current: Tensors, total: Tensors, plan: MechanismPlan, clip: float, noise: RandomSource
+) -> Tensors:
+    """current + (sum of clipped updates + N(0, (sigma C)^2)) / m, per tensor. Under secure
+    aggregation the clients clip and the server sees only `total`, then adds the noise here."""
+    sigma = plan.noise_multiplier * clip
+    new: Tensors = {}
+    for k, value in current.items():
+        draw = noise.normal(value.shape, sigma, torch.float64)
+        mean = (total[k].to(torch.float64) + draw) / plan.expected_batch
+        new[k] = (value.to(torch.float64) + mean).to(value.dtype)
+    return new
+
+
 def noisy_mean_update(
     current: Tensors,
     states: list[Tensors],
@@ -52,12 +69,7 @@ def noisy_mean_update(
         scale = min(1.0, clip / max(norm, 1e-12))
         for k, value in update.items():
             total[k] += value * scale
-    sigma = plan.noise_multiplier * clip
-    new: Tensors = {}
-    for k, value in current.items():
-        draw = noise.normal(value.shape, sigma, torch.float64)
-        mean = (total[k] + draw) / plan.expected_batch
-        new[k] = (value.to(torch.float64) + mean).to(value.dtype)
+    new = noised_mean(current, total, plan, clip, noise)
     metrics = {
         "dp_update_norm_median": statistics.median(norms) if norms else 0.0,
         "dp_clipped_fraction": sum(n > clip for n in norms) / len(norms) if norms else 0.0,

@@ -55,7 +55,7 @@ class LoraServer(FedAvgServer):
     def aggregates_a_sum(self) -> bool:
         """`mean` of one rank is the weighted mean of every tensor; `exact` needs each client's
         B·A, mixed ranks each slot's holders."""
-        return not self.exact and not self.client_ranks and self.population is None
+        return not self.exact and not self.client_ranks
 
     def client_rank(self, client: int) -> int:
         return rank_of(self.client_ranks, self.rank, client)
