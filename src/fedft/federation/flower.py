@@ -194,11 +194,11 @@ class FlowerGrid:
                 f"federation.secure_aggregation needs at least 2 clients a round, not {len(by_node)}; "
                 "raise federation.sample_fraction or federation.sample_count"
             )
-        names = list(next(iter(by_node.values())).payload.tensors)
+        first = next(iter(by_node.values()))
+        names, round_number = list(first.payload.tensors), first.round
         counting = _CountingGrid(self.grid)
         extra = {"fedft.clip": float(clip)} if clip is not None else {}
         strategy = _secure_mean_strategy(by_node, names, counting, extra)
-        round_number = next(iter(by_node.values())).round
         context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=strategy)
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({"current_round": round_number})
         context.state[MAIN_PARAMS_RECORD] = Arrays()
@@ -231,8 +231,11 @@ class FlowerGrid:
                 f"round {round_number}: secure aggregation halted (too few nodes answered to "
                 "unmask the sum); the last checkpoint is kept, fix the nodes and --resume"
             )
-        mean = {n: torch.from_numpy(a).reshape(by_node[next(iter(by_node))].payload.tensors[n].shape)
-                for n, a in zip(names, strategy.mean, strict=True)}  # fmt: skip
+        shapes = [first.payload.tensors[n].shape for n in names]
+        mean = {
+            n: torch.from_numpy(a).reshape(shape)
+            for n, a, shape in zip(names, strategy.mean, shapes, strict=True)
+        }
         order = {m.client: i for i, m in enumerate(messages)}
         return mean, sorted(replies + missing, key=lambda r: order[r.client])
 
@@ -309,8 +312,14 @@ def _secure_mean_strategy(
             out = []
             for node, m in messages.items():
                 tensors = [ndarray_to_bytes(m.payload.tensors[n].numpy()) for n in names]
-                config = {"client": m.client, "round": m.round, "kind": m.kind,
-                          "fedft.names": "\n".join(names), **extra, **m.payload.scalars}  # fmt: skip
+                config = {
+                    **m.payload.scalars,
+                    **extra,
+                    "client": m.client,
+                    "round": m.round,
+                    "kind": m.kind,
+                    "fedft.names": "\n".join(names),  # a legacy config holds no lists
+                }
                 fit = FitIns(LegacyParameters(tensors=tensors, tensor_type="numpy.ndarray"), config)
                 out.append((GridClientProxy(node, grid, 0), fit))
             return out
