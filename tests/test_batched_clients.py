@@ -22,15 +22,22 @@ def no_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-@pytest.mark.parametrize("llama", [False, True])
-def test_train_batched_equals_each_client_trained_alone(tmp_path: Path, llama: bool):
-    """Different starts per client, clipping that bites, generation rows of different lengths."""
+@pytest.mark.parametrize(
+    ("method", "llama"),
+    [("lora", False), ("lora", True), ("prompt", False), ("prompt", True)],
+    ids=["lora", "lora-llama", "prompt", "prompt-llama"],
+)
+def test_train_batched_equals_each_client_trained_alone(tmp_path: Path, method: str, llama: bool):
+    """Different starts per client, clipping that bites, generation rows of different lengths;
+    LoRA factors through routed Linears, prompt tokens gathered per row."""
     config = tiny_llama_config if llama else tiny_config
-    task = build_task(
-        config(tmp_path, "lora", **{"train.max_steps": 3, "train.max_grad_norm": 0.05})
-    )
+    sets = {"train.max_steps": 3, "train.max_grad_norm": 0.05}
+    if method == "prompt":
+        sets["method.num_tokens"] = 4
+    task = build_task(config(tmp_path, method, **sets))
     no_dropout(task.model)
     names, cfg = task.method.trainable_names, task.cfg.train
+    owners = {n: type(task.model.get_submodule(n.rsplit(".", 1)[0])) for n in names}
     base = read_state(task.model, names)
     starts = [
         {n: t + 0.01 * (c + 1) * torch.randn(t.shape, generator=torch.Generator().manual_seed(c))
@@ -52,7 +59,8 @@ def test_train_batched_equals_each_client_trained_alone(tmp_path: Path, llama: b
         assert stats[c].mean_loss == pytest.approx(alone[c][1].mean_loss, rel=1e-5)
         for name in names:
             torch.testing.assert_close(together[c][name], alone[c][0][name], rtol=1e-3, atol=1e-5)
-    assert type(task.model.get_submodule(names[0].rsplit(".", 1)[0])) is torch.nn.Linear  # back
+    for name, kind in owners.items():  # every module is back
+        assert type(task.model.get_submodule(name.rsplit(".", 1)[0])) is kind
 
 
 def test_a_run_with_batched_clients_ends_where_the_sequential_run_does(tmp_path: Path):

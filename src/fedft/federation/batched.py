@@ -1,10 +1,12 @@
 """Many clients in one forward pass: k clients that share a frozen backbone and differ only in
-small tensors (LoRA factors, a head) train together, each example through its own client's
-tensors.
+small tensors (LoRA factors, a head, prompt tokens) train together, each example through its own
+client's tensors.
 
 Each trained `nn.Linear` is swapped, for the block's steps, for a `RoutedLinear` that holds the k
 clients' copies of its trainable tensors stacked, and sends each example's rows through its own
-client's copy (one matmul per client on exactly that client's rows, so each client's part is the
+client's copy; a module of a method's own (prompt tokens) takes part by offering `routed(stacked,
+route)`, a stand-in that does the same for its tensors. For a Linear, each example goes through its
+own client's copy (one matmul per client on exactly that client's rows, so each client's part is the
 matmul its sequential step would do). The loss is the sum of the clients' own mean losses, so each
 client's gradient is its own; AdamW is elementwise, so one optimizer over the stacked tensors is k
 optimizers; gradient clipping is per client. Every client draws its batches from its own seeded
@@ -41,6 +43,13 @@ class Route:
 
     rows_of: list[torch.Tensor]  # per client: the row positions in the joined batch
 
+    def client_of_row(self) -> torch.Tensor:
+        """Each row's client, for modules that gather per row instead of per client."""
+        out = torch.empty(sum(len(r) for r in self.rows_of), dtype=torch.long)
+        for client, rows in enumerate(self.rows_of):
+            out[rows.cpu()] = client
+        return out.to(self.rows_of[0].device) if self.rows_of else out
+
 
 class RoutedLinear(nn.Module):
     """k clients' copies of a Linear's trainable tensors; frozen tensors stay shared."""
@@ -61,14 +70,17 @@ class RoutedLinear(nn.Module):
         return out
 
 
+def _routable(module: nn.Module | None, leaf: str) -> bool:
+    if isinstance(module, nn.Linear):
+        return leaf in ("weight", "bias")
+    return callable(getattr(module, "routed", None))
+
+
 def batchable(model: nn.Module, names: list[str]) -> bool:
-    """Whether every trained tensor is a Linear's weight or bias (LoRA factors, a head)."""
+    """Whether every trained tensor is a Linear's weight or bias (LoRA factors, a head) or a
+    tensor of a module that offers `routed` (prompt tokens)."""
     modules = dict(model.named_modules())
-    for name in names:
-        owner, leaf = name.rsplit(".", 1)
-        if not isinstance(modules.get(owner), nn.Linear) or leaf not in ("weight", "bias"):
-            return False
-    return True
+    return all(_routable(modules.get(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in names)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -100,19 +112,18 @@ def train_batched(
         owner, leaf = name.rsplit(".", 1)
         owners.setdefault(owner, {})[leaf] = name
     route = Route([])
-    swapped: dict[str, nn.Linear] = {}
+    swapped: dict[str, nn.Module] = {}
     stacked: dict[str, nn.Parameter] = {}
     for owner, leaves in owners.items():
         base = modules[owner]
-        assert isinstance(base, nn.Linear)
-
-        weight, bias = (
-            torch.stack([s[leaves[leaf]].to(device) for s in starts]).clone()
-            if leaf in leaves
-            else None
-            for leaf in ("weight", "bias")
-        )
-        routed = RoutedLinear(base, weight, bias, route)
+        copies = {
+            leaf: torch.stack([s[name].to(device) for s in starts]).clone()
+            for leaf, name in leaves.items()
+        }
+        if isinstance(base, nn.Linear):
+            routed = RoutedLinear(base, copies.get("weight"), copies.get("bias"), route)
+        else:
+            routed = base.routed(copies, route)
         for leaf, name in leaves.items():
             stacked[name] = getattr(routed, leaf)
         swapped[owner] = base

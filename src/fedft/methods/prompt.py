@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedft.errors import ModelError
+from fedft.federation.batched import Route
 from fedft.methods import register
 from fedft.methods.base import Method
 from fedft.models.backbone import TaskModel
@@ -46,10 +47,35 @@ class PromptTokens(nn.Module):
         nn.init.normal_(self.tokens, std=0.02)
 
     def forward(self, sequence: torch.Tensor) -> torch.Tensor:
-        n, a = self.tokens.shape[0], self.after
-        rest = sequence[:, a + n :] if self.replace else sequence[:, a:]
-        tokens = self.tokens.unsqueeze(0).expand(sequence.shape[0], -1, -1).to(sequence.dtype)
-        return torch.cat([sequence[:, :a], tokens, rest], dim=1)
+        tokens = self.tokens.unsqueeze(0).expand(sequence.shape[0], -1, -1)
+        return insert_tokens(sequence, tokens, self.after, self.replace)
+
+    def routed(self, stacked: dict[str, torch.Tensor], route: Route) -> RoutedPrompt:
+        """k clients' tokens at once (`federation.batch_clients`)."""
+        return RoutedPrompt(stacked["tokens"], self.after, self.replace, route)
+
+
+def insert_tokens(
+    sequence: torch.Tensor, tokens: torch.Tensor, after: int, replace: bool
+) -> torch.Tensor:
+    """`tokens` (one row of them per sequence) after the first `after` positions, or in place of
+    the ones that follow them."""
+    n = tokens.shape[1]
+    rest = sequence[:, after + n :] if replace else sequence[:, after:]
+    return torch.cat([sequence[:, :after], tokens.to(sequence.dtype), rest], dim=1)
+
+
+class RoutedPrompt(nn.Module):
+    """k clients' prompt tokens stacked (k x n x d); each row gets its own client's."""
+
+    def __init__(self, tokens: torch.Tensor, after: int, replace: bool, route: Route):
+        super().__init__()
+        self.tokens = nn.Parameter(tokens)
+        self.after, self.replace, self.route = after, replace, route
+
+    def forward(self, sequence: torch.Tensor) -> torch.Tensor:
+        rows = self.tokens[self.route.client_of_row()]
+        return insert_tokens(sequence, rows, self.after, self.replace)
 
 
 @register_grad_sampler(PromptTokens)
@@ -94,11 +120,12 @@ class PromptTuning(Method):
             picks = torch.randint(1000, embeddings.weight.shape[0], (n,))
             prompt.tokens.copy_(embeddings.weight[picks])
         model.add_module("prompt", nn.ModuleList([prompt]))
+        prompts = model.prompt  # looked up at each call: batched clients swap in their own
 
         def add_prompt(inputs: dict[str, Any]) -> dict[str, Any]:
             ids = inputs.pop("input_ids")
             mask = inputs["attention_mask"]
-            inputs["inputs_embeds"] = prompt(embeddings(ids))
+            inputs["inputs_embeds"] = prompts[0](embeddings(ids))
             ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
             inputs["attention_mask"] = torch.cat([mask[:, :after], ones, mask[:, after:]], dim=1)
             return inputs
@@ -118,8 +145,8 @@ class PromptTuning(Method):
         embeddings.register_forward_hook(lambda _m, _i, out: prompts[0](out))
         for index in range(1, depth):
 
-            def replace(_module, args, kwargs, fresh=prompts[index]):
-                hidden = fresh(args[0] if args else kwargs["hidden_states"])
+            def replace(_module, args, kwargs, index=index):
+                hidden = prompts[index](args[0] if args else kwargs["hidden_states"])
                 if args:
                     return (hidden, *args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": hidden}
