@@ -91,20 +91,21 @@ def one_run(name: str, out: Path, sets: dict[str, object]) -> dict[str, float]:
     }
 
 
+MINILM_BATCH = {"model.name": "minilm", "train.batch_size": 16}
+SMOLLM2_BATCH = {"model.name": "smollm2", "train.batch_size": 8, "task.system_prompt": ""}
 BATCHED = {  # the default batch sizes: MiniLM classification 16, SmolLM2 generation 8
-    "MiniLM (SST-2, length 64)": {"model.name": "minilm", "train.batch_size": 16},
-    "SmolLM2 (SST-2 label words, length 64)": {
-        "model.name": "smollm2",
-        "train.batch_size": 8,
-        "task.system_prompt": "",
-    },
+    "MiniLM (SST-2, length 64), lora": {**MINILM_BATCH, "method.name": "lora"},
+    "MiniLM (SST-2, length 64), prompt": {**MINILM_BATCH, "method.name": "prompt"},
+    "SmolLM2 (SST-2 label words, length 64), lora": {**SMOLLM2_BATCH, "method.name": "lora"},
+    "SmolLM2 (SST-2 label words, length 64), prompt": {**SMOLLM2_BATCH, "method.name": "prompt"},
 }
 BATCH_K, BATCH_STEPS, BATCH_REPEATS = 5, 4, 3
 
 
 def batched_speed(sets: dict[str, object]) -> dict[str, float]:
-    """In a child process: k clients' lora rounds one after another, then the same k in one
-    forward pass a step, interleaved `BATCH_REPEATS` times; client-steps per second, medians."""
+    """In a child process: k clients' rounds (lora or prompt) one after another, then the same k
+    in one forward pass a step, interleaved `BATCH_REPEATS` times; client-steps per second,
+    medians."""
     import time
 
     import torch
@@ -116,7 +117,6 @@ def batched_speed(sets: dict[str, object]) -> dict[str, float]:
 
     torch.set_num_threads(2)
     base = {
-        "method.name": "lora",
         "data.source": str(SHARED / "sst2"),
         "data.max_train_samples": 2000,
         "data.partition": "iid",
@@ -212,9 +212,9 @@ evaluation. One run each; seconds a round on 2 cores vary by about 10% from run 
 
 {verdict}
 
-Many clients per forward pass (`federation.batch_clients`): {BATCH_K} clients' `lora` rounds of
-{BATCH_STEPS} steps one after another, against the same clients in one forward pass a step (each
-example through its own client's LoRA and head), in one process, interleaved {BATCH_REPEATS} times
+Many clients per forward pass (`federation.batch_clients`): {BATCH_K} clients' `lora` or `prompt`
+rounds of {BATCH_STEPS} steps one after another, against the same clients in one forward pass a
+step (each example through its own client's LoRA or prompt tokens, and head), in one process, interleaved {BATCH_REPEATS} times
 (medians):
 
 {chr(10).join(batched_rows())}
