@@ -109,18 +109,27 @@ def test_generative_exports_score_the_runs_final_loss(tmp_path: Path, method: st
     assert loss == pytest.approx(summary["final_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize(("method", "kind"), [("lora", "peft-lora"), ("prompt", "remote-code")])
+@pytest.mark.parametrize(
+    ("method", "kind", "options"),
+    [
+        ("lora", "peft-lora", {}),
+        ("prompt", "remote-code", {"method.num_tokens": 4}),
+        ("lora", "merged", {"method.aggregation": "exact", "method.client_ranks": [2, 8]}),
+    ],
+    ids=["lora", "prompt", "lora-exact"],
+)
 def test_classifier_exports_score_the_runs_final_loss_and_accuracy(
-    tmp_path: Path, method: str, kind: str
+    tmp_path: Path, method: str, kind: str, options: dict
 ):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    run_dir, summary, task = finished_run(
-        tiny_config(tmp_path, method, **{"method.num_tokens": 4} if method == "prompt" else {})
-    )
+    run_dir, summary, task = finished_run(tiny_config(tmp_path, method, **options))
     out = export(run_dir, tmp_path / "out")
-    if kind == "peft-lora":
+    assert f"form: {kind}" in (out / "README.md").read_text()
+    if kind == "merged":  # the residual and the factors are in the weights themselves
+        model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    elif kind == "peft-lora":
         base = AutoModelForSequenceClassification.from_pretrained(out / "base")
         model = PeftModel.from_pretrained(base, out).eval()  # the trained head rides along
     else:

@@ -6,7 +6,8 @@ it in the form the Hugging Face stack loads without fedft:
 
 - **LoRA** (`lora`, `fedpft` plugged into the full model, `zo` on LoRA): a peft adapter folder,
   `PeftModel.from_pretrained(base, OUT)`; a trained classification head rides along as peft's
-  `modules_to_save`.
+  `modules_to_save`. `lora` with `aggregation=exact` keeps a dense residual beside each adapted
+  weight, which no peft adapter holds: it exports merged (W0 + R + s·B·A in each weight).
 - **Soft prompts on a causal LM** (`prompt`, `zo` on prompts, `sfprompt`): a peft prompt-tuning
   adapter (virtual tokens before the input embeddings, as fedft trains them). Where the method
   also trained weights of the model (sfprompt's tail), the base is that merged model, in
@@ -42,6 +43,7 @@ from fedft.errors import FedftError
 from fedft.federation.client import CLIENT
 from fedft.federation.engine import Task, build_task, make_server
 from fedft.federation.server import Server
+from fedft.methods.lora.aggregation import RESIDUAL
 from fedft.metrics import rundir
 from fedft.models.backbone import TaskModel
 
@@ -96,6 +98,8 @@ def load_run(run_dir: Path) -> LoadedRun:
 # --- what kind of export ------------------------------------------------------------------------
 def export_kind(task: Task) -> str:
     names = task.method.trainable_names
+    if getattr(task.method.options, "aggregation", "mean") == "exact":
+        return "merged"  # a dense residual beside each LoRA weight: no peft adapter holds it
     lora = any(".lora_" in n for n in names)
     prompt = any(n.startswith("prompt.") for n in names)
     adapter = any(".adapter." in n for n in names)
@@ -255,8 +259,31 @@ def _peft_prompt(run: LoadedRun, folder: Path, with_base: bool) -> str:
 
 def _merged(run: LoadedRun, folder: Path) -> None:
     fresh = _fresh_backbone(run)
-    _load_into(fresh, _trained(run.model, run.task.method.trainable_names))
+    names = run.task.method.trainable_names
+    lora = [n for n in names if ".lora_" in n]
+    _load_into(fresh, {**_trained(run.model, [n for n in names if n not in lora]),
+                       **_merged_lora_weights(run.model)})  # fmt: skip
     _save_base(fresh.net, run.model, folder)
+
+
+@torch.no_grad()
+def _merged_lora_weights(model: TaskModel) -> dict[str, torch.Tensor]:
+    """Each LoRA module's whole weight, W0 + s·B·A (peft's delta, in the base layer's layout)
+    plus the dense residual `lora`'s exact aggregation keeps beside it (out x in), by the plain
+    module's parameter name."""
+    out = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or not lora_a:
+            continue
+        weight = module.base_layer.weight.detach().clone()
+        for adapter in lora_a:
+            weight += module.get_delta_weight(adapter).to(weight.dtype)
+        residual = getattr(module, RESIDUAL, None)
+        if residual is not None:
+            weight += residual.T if getattr(module, "fan_in_fan_out", False) else residual
+        out[f"{name}.weight"] = weight.cpu()
+    return out
 
 
 REMOTE_CODE = '''"""Written by `fedft export`: {base_class} with the modules fedft trained that no library
