@@ -87,6 +87,7 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("adapter", "adapter", {}),
     ("prompt", "prompt", {}),
     ("lora", "lora", {}),
+    ("lora-exact-ranks", "lora", {"method.aggregation": "exact", "method.client_ranks": [2, 8]}),
     ("zo-seeds", "zo", ZO),
     ("zo-lora-pool", "zo", {**ZO, "method.params": "lora", "method.seed_pool": 64}),
     ("zo-delta", "zo", {**ZO, "method.params": "bias", "method.mode": "delta"}),
