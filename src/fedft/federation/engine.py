@@ -409,9 +409,9 @@ def make_server(task: Task) -> Server:
     if task.cfg.federation.secure_aggregation and not server.aggregates_a_sum():
         raise ConfigError(
             f"federation.secure_aggregation: the server of method '{task.cfg.method.name}' needs "
-            "more than the sum of the clients' tensors (its own aggregation, a round of several "
-            "exchanges, or client-level DP's per-client clipping); secure aggregation serves "
-            "full, head, bias, adapter, prompt and lora (aggregation=mean, one rank)"
+            "more than the sum of the clients' tensors (its own aggregation, or a round of "
+            "several exchanges); secure aggregation serves full, head, bias, adapter, prompt "
+            "and lora (aggregation=mean, one rank)"
         )
     return server
 
