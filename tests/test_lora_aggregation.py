@@ -227,7 +227,7 @@ def test_strategies_refuse_what_they_cannot_serve(tmp_path: Path):
     with pytest.raises(ConfigError, match="client_ranks"):
         lora.validate_options({"r": 8, "client_ranks": [4, 16]})
     exact = lora(lora.options_model(aggregation="exact"))
-    with pytest.raises(ConfigError, match="outside the DP mechanism"):
+    with pytest.raises(ConfigError, match="outside the mechanism"):
         exact.check_run(tiny_config(tmp_path, **{"privacy.mode": "client", "privacy.epsilon": 8}))
     with pytest.raises(ConfigError, match="server_optimizer=fedavg"):
         exact.check_run(tiny_config(tmp_path, **{"federation.server_optimizer": "fedadam"}))

@@ -147,12 +147,18 @@ class Lora(LoraAdapters):
 
     def check_run(self, cfg: RunConfig) -> None:
         o = self.options
-        if cfg.privacy.mode != "none" and (o.aggregation == "exact" or o.client_ranks):
-            what = "method.aggregation=exact" if o.aggregation == "exact" else "method.client_ranks"
+        if o.client_ranks and cfg.privacy.mode != "none":
             raise ConfigError(
-                f"{what} with privacy.mode={cfg.privacy.mode}: its server combines each client's "
-                "factors outside the DP mechanism (and DP noise would fill a padded rank's empty "
-                "slots); use the default method.aggregation=mean with one rank under DP"
+                f"method.client_ranks with privacy.mode={cfg.privacy.mode}: DP noise would fill a "
+                "small client's empty slots, and client-level DP's clipped mean has no "
+                "per-slot form; use one rank under DP"
+            )
+        if o.aggregation == "exact" and cfg.privacy.mode == "client":
+            raise ConfigError(
+                "method.aggregation=exact with privacy.mode=client: the residual is computed "
+                "from each client's own factors, outside the mechanism that noises their mean; "
+                "use method.aggregation=mean (under sample-level DP, exact is post-processing "
+                "of what the clients released, and is allowed)"
             )
         fed = cfg.federation
         if o.aggregation == "exact" and (fed.server_optimizer != "fedavg" or fed.server_lr != 1):
