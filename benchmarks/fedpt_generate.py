@@ -102,6 +102,16 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _distil_verdict(with_distil: float, without: float) -> str:
+    """Whether distillation earned its place: the deployed proxy's metric with it against
+    without it (the README keeps it off by default for a causal LM unless it helps)."""
+    if with_distil > without:
+        return "above the proxy without it"
+    if with_distil == without:
+        return "equal to the proxy without it, so it does not pay its cost"
+    return "below the proxy without it"
+
+
 def render(out: Path) -> str:
     rows = [
         "| task | model scored | metric | client trains | client model MB | client peak RSS | "
@@ -149,7 +159,8 @@ def render(out: Path) -> str:
                 f" With distillation: proxy {_pct(last_d[f'test_{metric}'])}, α "
                 f"{distil['fedpt']['alpha']:g} (KL on held-out public prompts "
                 f"{kl['distill_kl_before']:.3f} → {kl['distill_kl_after']:.3f} in the last "
-                f"round; {median_round_seconds(distil_lines):.0f} s a round)."
+                f"round; {median_round_seconds(distil_lines):.0f} s a round): "
+                f"{_distil_verdict(last_d[f'test_{metric}'], last[f'test_{metric}'])}."
             )
         rows += [
             f"| {label} | `lora` on the large model (reference) | "
