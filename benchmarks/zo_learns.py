@@ -77,7 +77,8 @@ SMOLLM2 = {
 }
 SMOL_ZO = {"method.name": "zo", "method.params": "lora", "method.start": "task"}
 SMOL_PLAIN = {**SMOL_ZO, "method.head": "zo"}
-SMOL_EXACT = {**SMOL_ZO, "method.head": "exact"}
+# sparsity 0 spelled out: zo now defaults to 0.75 on label words, because of this section
+SMOL_EXACT = {**SMOL_ZO, "method.head": "exact", "method.sparsity": 0.0}
 # learning rates of zo on LoRA with the exact label-word rows, on held-out train rows (below)
 SMOL_SWEEP = {
     "data.source": str(SHARED / "sst2" / "train.csv"),  # data.test_fraction held out

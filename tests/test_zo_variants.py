@@ -154,26 +154,43 @@ DP = {"privacy.mode": "sample", "privacy.epsilon": 8}
 
 
 @pytest.mark.parametrize(
-    ("llama", "sets", "start", "head", "lr", "head_lr"),
+    ("llama", "sets", "start", "head", "lr", "head_lr", "sparsity"),
     [
-        (False, {}, "zero_shot", "exact", 1e-4, 1e-1),
-        (False, DP, "zero_shot", "zo", 1e-4, None),  # the exact head has no DP mechanism
-        (False, {"method.params": "head"}, "zero_shot", "zo", 1e-3, None),
-        (False, {"method.params": "lora"}, "zero_shot", "exact", 3e-3, 1e-1),
-        (False, {"method.start": "task"}, "task", "exact", 1e-4, 1e-1),
-        (False, {"method.start": "task", "method.head": "zo"}, "task", "zo", 3e-3, None),
-        (True, {**LABEL_WORDS, "method.params": "lora"}, "task", "exact", 3e-3, 1e-2),
-        (True, {"method.params": "lora"}, "task", "zo", 3e-3, None),  # generation: no label rows
+        (False, {}, "zero_shot", "exact", 1e-4, 1e-1, 0.0),
+        (False, DP, "zero_shot", "zo", 1e-4, None, 0.0),  # the exact head has no DP mechanism
+        (False, {"method.params": "head"}, "zero_shot", "zo", 1e-3, None, 0.0),
+        (False, {"method.params": "lora"}, "zero_shot", "exact", 3e-3, 1e-1, 0.0),
+        (False, {"method.start": "task"}, "task", "exact", 1e-4, 1e-1, 0.0),
+        (False, {"method.start": "task", "method.head": "zo"}, "task", "zo", 3e-3, None, 0.0),
+        (True, {**LABEL_WORDS, "method.params": "lora"}, "task", "exact", 3e-3, 1e-2, 0.75),
+        (True, {**LABEL_WORDS, "method.sparsity": 0.0}, "task", "exact", 1e-4, 1e-2, 0.0),
+        (True, {**LABEL_WORDS, **DP}, "task", "zo", 3e-3, None, 0.0),
+        (True, {"method.params": "lora"}, "task", "zo", 3e-3, None, 0.0),  # no label rows
     ],
 )
 def test_zo_defaults_are_the_benchmarks_best_variant_where_the_run_allows_it(
-    tmp_path: Path, llama: bool, sets: dict, start: str, head: str, lr: float, head_lr: float
+    tmp_path: Path,
+    llama: bool,
+    sets: dict,
+    start: str,
+    head: str,
+    lr: float,
+    head_lr: float,
+    sparsity: float,
 ):
     """`--method zo` alone: a meaningful start (an encoder's zero-shot head; a causal LM's label
-    words are one already) and the exact head, with the swept learning rates."""
+    words are one already), the exact head, with the swept learning rates, and on a causal LM's
+    label words sparse perturbations (the SmolLM2 row that held); an explicit value wins."""
     cfg = (tiny_llama_config if llama else tiny_config)(tmp_path, "zo", **sets)
     task = build_task(cfg)
-    assert task.method.choices() == {"start": start, "head": head, "head_lr": head_lr}
+    assert task.method.choices() == {
+        "start": start,
+        "head": head,
+        "head_lr": head_lr,
+        "sparsity": sparsity,
+    }
+    masks = task.method.directions_for([torch.randn(4, 4)]).masks
+    assert (masks is not None) == (sparsity > 0)
     assert task.method.lr(cfg) == lr
     assert bool(task.method.head_names) == (head == "exact")
     if start == "zero_shot":

@@ -72,6 +72,7 @@ SETTLED_HEAD_LR_ALL = 1e-4
 # label-word rows 1e-1 diverged (SmolLM2: training loss 22 in the first round, whatever the body
 # lr) where 1e-2 held (zo-learns-smollm2's sweep)
 DEFAULT_HEAD_LR = {"encoder": 1e-1, "causal": 1e-2}
+AUTO_SPARSITY = 0.75  # a causal LM's exact label-word head: the zo-learns-smollm2 row that held
 NOISE_TAG, SAMPLING_TAG = 0xD9, 0x5A
 SYNCED = "synced."  # client-state prefix of the parameters it last synced
 HEAD = "head."  # payload prefix of an exact head's tensors (they travel whole)
@@ -128,12 +129,13 @@ class ZoOptions(BaseModel):
         "gaussian",
         description="entries of z: standard normal (MeZO) or +-1 (SPSA; cheaper to draw)",
     )
-    sparsity: float = Field(
-        0.0,
+    sparsity: float | None = Field(
+        None,
         ge=0,
         lt=1,
         description="Sparse-MeZO: share of each matrix's entries (the largest in magnitude) left "
-        "unperturbed (0: perturb all)",
+        "unperturbed (0: perturb all); None: 0.75 where a causal LM's label-word rows train by "
+        "the exact head (the variant that held on SmolLM2), else 0",
     )
     start: Literal["auto", "task", "zero_shot"] = Field(
         "auto",
@@ -171,6 +173,7 @@ class Zo(Method):
         # `start` and `head` as this run resolved them (auto decided by the model and privacy)
         self.start: str = self.options.start
         self.head: str = self.options.head
+        self.sparsity: float | None = self.options.sparsity
         self.private = False
         self.generative = False
         self.body_names: list[str] = []  # the parameters SPSA perturbs (seeds and scalars)
@@ -220,6 +223,10 @@ class Zo(Method):
         self.head = o.head if o.head != "auto" else self._auto_head(model)
         if self.head == "exact" and model.generative:
             self.lm_head = attach_label_rows(model)
+        self.sparsity = o.sparsity
+        if self.sparsity is None:
+            # docs/benchmarks.md, zo-learns-smollm2: without it the label-word run diverged
+            self.sparsity = AUTO_SPARSITY if self.head == "exact" and model.generative else 0.0
 
     def _auto_head(self, model: TaskModel) -> str:
         """Exact where it is offered: not under DP (it has no mechanism of its own), not when the
@@ -232,7 +239,12 @@ class Zo(Method):
         return "exact" if head_module(model.net) is not None else "zo"
 
     def choices(self) -> dict[str, Any]:
-        return {"start": self.start, "head": self.head, "head_lr": self.head_lr()}
+        return {
+            "start": self.start,
+            "head": self.head,
+            "head_lr": self.head_lr(),
+            "sparsity": self.sparsity,
+        }
 
     def head_lr(self) -> float | None:
         if self.head != "exact":
@@ -311,9 +323,8 @@ class Zo(Method):
 
     def directions_for(self, params: list[torch.Tensor]) -> Directions:
         """How z is drawn over `params` as they stand (the sparse masks follow their values)."""
-        o = self.options
-        masks = sparse_masks(params, o.sparsity) if o.sparsity > 0 else None
-        return Directions(o.distribution, masks)
+        masks = sparse_masks(params, self.sparsity) if self.sparsity else None
+        return Directions(self.options.distribution, masks)
 
     def exact_head(self, model: TaskModel) -> ExactHead | None:
         if not self.head_names:
