@@ -55,7 +55,7 @@ def minilm_iid_setup(rows: int, rounds: int) -> dict[str, object]:
     }
 
 
-def _finished_with(run_dir: Path, sets: dict[str, object]) -> bool:
+def finished_with(run_dir: Path, sets: dict[str, object]) -> bool:
     """A finished run whose config.yaml holds every one of `sets` (compared as YAML reads them)."""
     import yaml
 
@@ -77,7 +77,7 @@ def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, li
     With FEDFT_BENCH_REUSE=1 a finished run of the same name and settings is read back instead
     of run again (to finish an interrupted section; the table is the same either way)."""
     run_dir = out_dir / name
-    if os.environ.get("FEDFT_BENCH_REUSE") == "1" and _finished_with(run_dir, sets):
+    if os.environ.get("FEDFT_BENCH_REUSE") == "1" and finished_with(run_dir, sets):
         print(f"[bench] {name}: reusing the finished run in {run_dir}", flush=True)
         summary = json.loads((run_dir / "summary.json").read_text())
         summary["lr"] = run_lr(run_dir)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT, SHARED, in_child, machine, write_section
+from common import ROOT, SHARED, finished_with, in_child, machine, write_section
 
 POPULATIONS = [10, 100, 1_000, 10_000]
 ROUNDS = 4
@@ -67,18 +67,33 @@ sys.exit(code)
 
 
 def one_run(name: str, out: Path, sets: dict[str, object]) -> dict[str, float]:
-    args = [sys.executable, "-c", CHILD, "run", "--name", name, "--overwrite", "--quiet"]
-    for key, value in {"output_dir": str(out), **sets}.items():
-        args += ["--set", f"{key}={value}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    print(f"[bench] {name}", flush=True)
-    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-    peak_kb = next(
-        int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("FEDFT_PEAK")
-    )
+    """One run in its own process; its peak RSS is kept beside the run (`peak_rss_kb`) so that
+    FEDFT_BENCH_REUSE=1 can read a finished run of the same settings back."""
     run_dir = out / name
+    peak_file = run_dir / "peak_rss_kb"
+    if (
+        os.environ.get("FEDFT_BENCH_REUSE") == "1"
+        and peak_file.exists()
+        and finished_with(run_dir, sets)
+    ):
+        print(f"[bench] {name}: reusing the finished run in {run_dir}", flush=True)
+        peak_kb = int(peak_file.read_text())
+    else:
+        args = [sys.executable, "-c", CHILD, "run", "--name", name, "--overwrite", "--quiet"]
+        for key, value in {"output_dir": str(out), **sets}.items():
+            args += ["--set", f"{key}={value}"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        print(f"[bench] {name}", flush=True)
+        done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            err = done.stderr.strip()
+            return {"error": err.splitlines()[-1] if err else "failed"}
+        peak_kb = next(
+            int(line.split()[1])
+            for line in done.stdout.splitlines()
+            if line.startswith("FEDFT_PEAK")
+        )
+        peak_file.write_text(str(peak_kb))
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # rounds after the first (which warms caches), without the final evaluation's seconds

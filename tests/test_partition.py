@@ -131,20 +131,31 @@ def test_column_partition_gives_each_value_its_own_client_or_groups_values_whole
         column_rows(values, 4, "site")
 
 
-def test_a_column_partition_of_a_file_gives_each_topic_a_client(tmp_path):
+@pytest.mark.parametrize("clients", [3, None], ids=["set", "one-a-value"])
+def test_a_column_partition_of_a_file_gives_each_topic_a_client(tmp_path, clients):
+    """With federation.clients set to the count, or left at its default (then the run's config
+    takes one client a value)."""
+    from fedft.config import validate_config
     from fedft.federation.engine import build_task
 
     from helpers import tiny_llama_config, write_generation_data
 
     data = write_generation_data(tmp_path / "data")
     sets = {"data.partition": "column", "data.partition_column": "topic", "federation.clients": 3}
-    task = build_task(tiny_llama_config(tmp_path, "lora", **{"data.source": str(data), **sets}))
+    cfg = tiny_llama_config(tmp_path, "lora", **{"data.source": str(data), **sets})
+    if clients is None:  # the same settings with federation.clients never given
+        tree = cfg.model_dump()
+        del tree["federation"]["clients"]
+        cfg = validate_config(tree)
+        assert cfg.federation.clients == 10
+    task = build_task(cfg)
     import json
 
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     topics = sorted({r["topic"] for r in rows})
     prompts = task.data.train  # encoded in file order: row i is the file's row i
     assert len(prompts) == len(rows)
+    assert task.cfg.federation.clients == len(task.data.clients) == len(topics)
     for client, split in enumerate(task.data.clients):
         held = np.concatenate([split.train, split.test])
         assert {rows[i]["topic"] for i in held} == {topics[client]}

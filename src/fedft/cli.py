@@ -131,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         if cfg.federation.secure_aggregation:
             raise FedftError(LOCAL_SECURE_AGGREGATION)
         task = build_task(cfg)  # every input check happens here, before any file is written
+        cfg = task.cfg  # as the data resolved it (a column partition's client count)
         server = make_server(task)  # and the server's own (a model or data only it loads)
         run_dir, lock = rundir.new_run_dir(cfg, args.overwrite)
 

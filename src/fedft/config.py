@@ -94,8 +94,8 @@ class DataConfig(Section):
     partition_column: str | None = Field(
         None,
         description="partition=column: the column whose values are the clients (an author, a "
-        "topic, a site); more values than clients are grouped, largest first, onto the client "
-        "with the fewest rows",
+        "topic, a site); one client a value unless federation.clients is set, and then more "
+        "values than clients are grouped, largest first, onto the client with the fewest rows",
     )
     alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration (smaller: more skewed label mix)"

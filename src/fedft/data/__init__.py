@@ -84,9 +84,9 @@ def build_federated_data(
                 f"data.partition=column: {raw.origin} has no columns beyond text and label; "
                 "give a file or folder with the column"
             )
-        parts = column_rows(
-            list(raw.train[GROUP]), cfg.federation.clients, cfg.data.partition_column or ""
-        )
+        # federation.clients left at its default: one client per value
+        clients = cfg.federation.clients if "clients" in cfg.federation.model_fields_set else None
+        parts = column_rows(list(raw.train[GROUP]), clients, cfg.data.partition_column or "")
     else:
         labels = list(raw.train["label"])
         data_cfg = cfg.data.model_copy(update={"partition": partition})

@@ -117,13 +117,15 @@ def shard_rows(labels: np.ndarray, clients: int, shards: int, seed: int) -> list
     ]
 
 
-def column_rows(values: list[str], clients: int, column: str) -> list[np.ndarray]:
+def column_rows(values: list[str], clients: int | None, column: str) -> list[np.ndarray]:
     """Natural clients: the rows of each distinct value of a column (an author, a topic, a site),
-    as FedLLM-Bench splits by user. One client per value, in sorted order of the values; with more
-    values than clients, values are grouped: largest first, each onto the client that holds the
-    fewest rows so far (so sizes stay even and a value is never split). flwr-datasets'
-    NaturalIdPartitioner gives one partition per value and cannot group, so it is not used."""
+    as FedLLM-Bench splits by user. One client per value (`clients` None: as many as there are
+    values), in sorted order of the values; with more values than clients, values are grouped:
+    largest first, each onto the client that holds the fewest rows so far (so sizes stay even
+    and a value is never split). flwr-datasets' NaturalIdPartitioner gives one partition per
+    value and cannot group, so it is not used."""
     names, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    clients = len(names) if clients is None else clients
     if len(names) < clients:
         raise DataError(
             f"data.partition=column: column '{column}' has {len(names)} values "

@@ -74,6 +74,9 @@ def build_task(cfg: RunConfig) -> Task:
     if server_rows is None:
         server_rows = method.server_rows_wanted()
     data = build_federated_data(cfg, raw, model.task.encode_splits, server_rows)
+    if len(data.clients) != cfg.federation.clients:  # a column partition's one client a value
+        federation = cfg.federation.model_copy(update={"clients": len(data.clients)})
+        cfg = cfg.model_copy(update={"federation": federation})
     method.validation = data.validation
     method.check_run(cfg)
     check_privacy(cfg, method, data)
