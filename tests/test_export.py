@@ -115,8 +115,10 @@ def test_generative_exports_score_the_runs_final_loss(tmp_path: Path, method: st
         ("lora", "peft-lora", {}),
         ("prompt", "remote-code", {"method.num_tokens": 4}),
         ("lora", "merged", {"method.aggregation": "exact", "method.client_ranks": [2, 8]}),
+        ("zo", "zero-shot", {}),  # zo's default start on an encoder: the zero-shot head
+        ("zo", "zero-shot", {"method.params": "lora"}),
     ],
-    ids=["lora", "prompt", "lora-exact"],
+    ids=["lora", "prompt", "lora-exact", "zo-zero-shot", "zo-lora-zero-shot"],
 )
 def test_classifier_exports_score_the_runs_final_loss_and_accuracy(
     tmp_path: Path, method: str, kind: str, options: dict
@@ -136,6 +138,8 @@ def test_classifier_exports_score_the_runs_final_loss_and_accuracy(
         model = AutoModelForSequenceClassification.from_pretrained(
             out, trust_remote_code=True
         ).eval()
+    if kind == "zero-shot":
+        assert summary["method_choices"]["start"] == "zero_shot"
     loss, accuracy = hf_class_scores(model, task.data.test)
     assert loss == pytest.approx(summary["final_loss"], abs=1e-4)
     assert accuracy == pytest.approx(summary["final_accuracy"], abs=1e-6)
@@ -164,3 +168,38 @@ def test_generate_answers_like_the_runs_model_and_export_never_overwrites(tmp_pa
     classify_dir, _, _ = finished_run(tiny_config(tmp_path / "c", "bias"))
     assert main(["generate", str(classify_dir), "hello"]) == 2
     assert "answers with a causal LM run" in capsys.readouterr().err
+
+
+def test_zo_label_word_rows_export_as_an_untied_lm_head(tmp_path: Path):
+    """zo's default on a causal LM's label words trains the LM head's rows of those words apart
+    from the (tied) input embeddings: the export gives the model a head of its own, and its
+    logits are the run's deployed model's."""
+    from transformers import AutoModelForCausalLM
+
+    from fedft.export import load_run
+
+    sets = {
+        "data.source": "demo",
+        "data.label_column": "label",
+        "data.max_train_samples": 64,
+        "data.max_test_samples": 16,
+        "data.partition": "iid",
+        "model.max_length": 64,
+        "method.params": "lora",
+    }
+    run_dir, summary, task = finished_run(tiny_llama_config(tmp_path, "zo", **sets))
+    assert summary["method_choices"]["head"] == "exact"
+    out = export(run_dir, tmp_path / "out")
+    assert "form: merged" in (out / "README.md").read_text()
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    run = load_run(run_dir)
+    rows = run.model.get_submodule("label_head")
+    start = task.model.net.get_output_embeddings().weight[rows.ids]
+    assert not torch.allclose(rows.rows, start)  # the rows trained away from the start
+    b = task.data.test.batch(np.arange(4))
+    with torch.no_grad():
+        ours = run.model.net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        theirs = exported(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert torch.allclose(theirs, ours, atol=1e-4)
+    embeddings = exported.get_input_embeddings().weight
+    assert torch.equal(embeddings, run.model.net.get_input_embeddings().weight)

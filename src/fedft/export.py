@@ -17,6 +17,9 @@ it in the form the Hugging Face stack loads without fedft:
 - **Modules no library has** (`adapter`'s bottlenecks; a classifier's prompts after [CLS]): the
   merged model with a small modeling file beside it that adds them,
   `AutoModelFor...from_pretrained(OUT, trust_remote_code=True)`.
+- **A zero-shot head** (`zo`'s default start on a text encoder, `model.head=zero_shot`): the
+  merged encoder (LoRA folded in) with a modeling file for mean pooling and the cosine head,
+  `AutoModelForSequenceClassification.from_pretrained(OUT, trust_remote_code=True)`.
 
 An adapter's base is the run's model where a name or folder loads it (the converted SmolLM2 in
 fedft's cache, MiniLM's folder, a hub name); a tiny random test model, which nothing could
@@ -44,8 +47,10 @@ from fedft.federation.client import CLIENT
 from fedft.federation.engine import Task, build_task, make_server
 from fedft.federation.server import Server
 from fedft.methods.lora.aggregation import RESIDUAL
+from fedft.methods.zo.head import LABEL_ROWS
 from fedft.metrics import rundir
 from fedft.models.backbone import TaskModel
+from fedft.models.zero_shot import ZeroShotClassifier
 
 TINY = ("tiny-bert", "tiny-vit", "tiny-llama")
 
@@ -98,8 +103,17 @@ def load_run(run_dir: Path) -> LoadedRun:
 # --- what kind of export ------------------------------------------------------------------------
 def export_kind(task: Task) -> str:
     names = task.method.trainable_names
+    if isinstance(task.model.net, ZeroShotClassifier):
+        if any(n.startswith("prompt.") or ".adapter." in n for n in names):
+            raise FedftError(
+                "export: a zero-shot head with prompts or adapters has no exported form yet; "
+                "the run's checkpoint holds what it trained"
+            )
+        return "zero-shot"
     if getattr(task.method.options, "aggregation", "mean") == "exact":
         return "merged"  # a dense residual beside each LoRA weight: no peft adapter holds it
+    if LABEL_ROWS in names:
+        return "merged"  # zo's label-word rows: an LM head of their own, untied from the input
     lora = any(".lora_" in n for n in names)
     prompt = any(n.startswith("prompt.") for n in names)
     adapter = any(".adapter." in n for n in names)
@@ -261,9 +275,24 @@ def _merged(run: LoadedRun, folder: Path) -> None:
     fresh = _fresh_backbone(run)
     names = run.task.method.trainable_names
     lora = [n for n in names if ".lora_" in n]
-    _load_into(fresh, {**_trained(run.model, [n for n in names if n not in lora]),
-                       **_merged_lora_weights(run.model)})  # fmt: skip
+    plain = [n for n in names if n not in lora and n != LABEL_ROWS]
+    _load_into(fresh, {**_trained(run.model, plain), **_merged_lora_weights(run.model)})
+    if LABEL_ROWS in names:
+        _untie_label_rows(fresh, run.model)
     _save_base(fresh.net, run.model, folder)
+
+
+@torch.no_grad()
+def _untie_label_rows(fresh: TaskModel, model: TaskModel) -> None:
+    """zo's label-word rows into an LM head of the exported model's own: its rows for those
+    tokens replaced, the input embeddings (which a small Llama ties to the head) left as they
+    were, as the run left them."""
+    rows = model.get_submodule("label_head")
+    head = fresh.net.get_output_embeddings()
+    weight = head.weight.detach().clone()
+    weight[rows.ids] = rows.rows.detach().to(weight.dtype)
+    head.weight = torch.nn.Parameter(weight)
+    fresh.net.config.tie_word_embeddings = False
 
 
 @torch.no_grad()
@@ -390,6 +419,80 @@ def _remote_code(run: LoadedRun, folder: Path) -> None:
         model.preprocess.tokenizer.save_pretrained(folder)
 
 
+ZERO_SHOT_CODE = '''"""Written by `fedft export`: {base_class} with the zero-shot head fedft tuned (the
+mean-pooled sentence embedding scored by cosine similarity against one vector per label, times
+a scale). Load with AutoModelForSequenceClassification.from_pretrained(folder,
+trust_remote_code=True)."""
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class FedftZeroShot(transformers.{base_class}):
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(self, "pooler", None) is not None:
+            self.pooler = None  # mean pooling replaces it
+        self.fedft_scale = config.fedft["zero_shot_scale"]
+        self.fedft_classifier = nn.Parameter(torch.zeros(config.num_labels, config.hidden_size))
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        ).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        logits = self.fedft_scale * F.normalize(pooled, dim=-1) @ F.normalize(
+            self.fedft_classifier, dim=-1
+        ).T
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+'''
+
+
+def _zero_shot(run: LoadedRun, folder: Path) -> None:
+    """The run's encoder (its trained weights, LoRA merged) under the modeling file above."""
+    model = run.model
+    net = model.net
+    assert isinstance(net, ZeroShotClassifier)
+    names = run.task.method.trainable_names
+    lora = [n for n in names if ".lora_" in n]
+    weights = {**_trained(model, [n for n in names if n not in lora]),
+               **_merged_lora_weights(model)}  # fmt: skip
+    renamed = {}
+    for name, value in weights.items():
+        if name == "net.classifier.weight":
+            renamed["fedft_classifier"] = value
+        else:
+            renamed[name.removeprefix("net.encoder.")] = value
+    encoder = _fresh_backbone(run).net.base_model  # the untuned encoder
+    base_class = type(encoder).__name__
+    (folder / "fedft_modeling.py").write_text(ZERO_SHOT_CODE.format(base_class=base_class))
+    config = encoder.config
+    config.fedft = {"zero_shot_scale": float(net.classifier.scale)}
+    config.num_labels = int(net.classifier.weight.shape[0])
+    config.auto_map = {"AutoModelForSequenceClassification": "fedft_modeling.FedftZeroShot"}
+    import importlib.util
+    import sys
+
+    loader = importlib.util.spec_from_file_location("fedft_modeling", folder / "fedft_modeling.py")
+    module = importlib.util.module_from_spec(loader)
+    sys.modules.pop("fedft_modeling", None)
+    loader.loader.exec_module(module)
+    exported = module.FedftZeroShot(config)
+    exported.load_state_dict(encoder.state_dict(), strict=False)
+    _load_into(exported, renamed)
+    exported.save_pretrained(folder)
+    del config.fedft
+    del config.auto_map
+    model.preprocess.tokenizer.save_pretrained(folder)
+
+
 # --- the command ---------------------------------------------------------------------------------
 def _readme(run: LoadedRun, kind: str, base: str | None) -> str:
     cfg, s = run.task.cfg, run.summary
@@ -408,6 +511,7 @@ def _readme(run: LoadedRun, kind: str, base: str | None) -> str:
         "peft-prompt": f"base = {auto}.from_pretrained({where})\nmodel = PeftModel.from_pretrained(base, OUT)",
         "merged": f"model = {auto}.from_pretrained(OUT)",
         "remote-code": f"model = {auto}.from_pretrained(OUT, trust_remote_code=True)",
+        "zero-shot": f"model = {auto}.from_pretrained(OUT, trust_remote_code=True)",
     }[kind]
     headline = s.get("headline", "accuracy")
     lines = [
@@ -453,6 +557,8 @@ def export_run(run_dir: Path, out: Path, with_base: bool = False) -> str:
             base = _peft_prompt(run, tmp, with_base)
         elif kind == "merged":
             _merged(run, tmp)
+        elif kind == "zero-shot":
+            _zero_shot(run, tmp)
         else:
             _remote_code(run, tmp)
         (tmp / "README.md").write_text(_readme(run, kind, base))
