@@ -117,8 +117,9 @@ def test_generative_exports_score_the_runs_final_loss(tmp_path: Path, method: st
         ("lora", "merged", {"method.aggregation": "exact", "method.client_ranks": [2, 8]}),
         ("zo", "zero-shot", {}),  # zo's default start on an encoder: the zero-shot head
         ("zo", "zero-shot", {"method.params": "lora"}),
+        ("lora", "zero-shot", {"model.head": "zero_shot"}),
     ],
-    ids=["lora", "prompt", "lora-exact", "zo-zero-shot", "zo-lora-zero-shot"],
+    ids=["lora", "prompt", "lora-exact", "zo-zero-shot", "zo-lora-zero-shot", "lora-zero-shot"],
 )
 def test_classifier_exports_score_the_runs_final_loss_and_accuracy(
     tmp_path: Path, method: str, kind: str, options: dict
@@ -138,7 +139,7 @@ def test_classifier_exports_score_the_runs_final_loss_and_accuracy(
         model = AutoModelForSequenceClassification.from_pretrained(
             out, trust_remote_code=True
         ).eval()
-    if kind == "zero-shot":
+    if method == "zo":
         assert summary["method_choices"]["start"] == "zero_shot"
     loss, accuracy = hf_class_scores(model, task.data.test)
     assert loss == pytest.approx(summary["final_loss"], abs=1e-4)

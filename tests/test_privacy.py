@@ -31,6 +31,8 @@ CASES = [
     ("adapter", "tiny-bert", {}),
     ("prompt", "tiny-bert", {}),
     ("lora", "tiny-bert", {}),
+    ("lora", "tiny-bert", {"model.head": "zero_shot"}),  # the cosine head's own grad sampler
+    ("head", "tiny-bert", {"model.head": "zero_shot"}),
     ("full", "tiny-vit", {}),
     ("prompt", "tiny-vit", {"method.deep": True}),
 ]

@@ -45,6 +45,13 @@ class ModelConfig(Section):
         le=4096,
         description="tokens per row (classification: the text; generation: prompt + response)",
     )
+    head: Literal["task", "zero_shot"] = Field(
+        "task",
+        description="a text encoder's classifier: 'task' (its own, or a fresh one) or "
+        "'zero_shot' (the mean-pooled sentence embedding's cosine to each label name's, one "
+        "trainable vector per label: a meaningful start, and far fewer values to train, send "
+        "and noise under DP)",
+    )
 
 
 class DataConfig(Section):

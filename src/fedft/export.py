@@ -470,7 +470,8 @@ def _zero_shot(run: LoadedRun, folder: Path) -> None:
             renamed["fedft_classifier"] = value
         else:
             renamed[name.removeprefix("net.encoder.")] = value
-    encoder = _fresh_backbone(run).net.base_model  # the untuned encoder
+    fresh = _fresh_backbone(run).net  # the untuned encoder
+    encoder = fresh.encoder if isinstance(fresh, ZeroShotClassifier) else fresh.base_model
     base_class = type(encoder).__name__
     (folder / "fedft_modeling.py").write_text(ZERO_SHOT_CODE.format(base_class=base_class))
     config = encoder.config

@@ -16,7 +16,7 @@ import torch
 
 from fedft.config import RunConfig
 from fedft.data import FederatedData, build_federated_data, check_fits, load_raw
-from fedft.errors import BudgetSpent, ConfigError, RunStopped
+from fedft.errors import BudgetSpent, ConfigError, ModelError, RunStopped
 from fedft.federation.client import CLIENT, ClientRuntime
 from fedft.federation.fingerprint import check_fingerprint, run_fingerprint
 from fedft.federation.grid import Grid, LocalGrid
@@ -28,6 +28,7 @@ from fedft.methods import Method, get_method
 from fedft.metrics import rundir
 from fedft.metrics.plots import plot_metric
 from fedft.models.backbone import TaskModel, load_task_model, resolve_device, resolve_task_kind
+from fedft.models.zero_shot import ZERO_SHOT_SCALE, ZERO_SHOT_TEMPLATE, make_zero_shot
 from fedft.privacy import check_budgets
 from fedft.privacy.client_level import WITHHELD, privacy_view, round_participants
 from fedft.privacy.noise import NOT_PRIVATE
@@ -67,6 +68,13 @@ def build_task(cfg: RunConfig) -> Task:
     )
     model.label_names = list(raw.label_names)
     check_fits(raw, model.preprocess.kind, cfg.model.name)
+    if cfg.model.head == "zero_shot":
+        if generate:
+            raise ModelError(
+                "model.head=zero_shot is for a text encoder's classifier; a causal LM on "
+                "classification rows scores its label words already (leave model.head=task)"
+            )
+        make_zero_shot(model, ZERO_SHOT_TEMPLATE, ZERO_SHOT_SCALE)
     if generate:
         model.task = make_generate(cfg, raw, model.preprocess.tokenizer)
     method = get_method(cfg.method.name)(cfg.method_options())

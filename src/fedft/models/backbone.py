@@ -346,4 +346,8 @@ def load_like(model: TaskModel, cfg: Any) -> TaskModel:
         cfg.model.name, model.num_labels, cfg.model.max_length, cfg.seed, task=model.task
     )
     copy.label_names = list(model.label_names)
+    if getattr(cfg.model, "head", "task") == "zero_shot":
+        from fedft.models.zero_shot import ZERO_SHOT_SCALE, ZERO_SHOT_TEMPLATE, make_zero_shot
+
+        make_zero_shot(copy, ZERO_SHOT_TEMPLATE, ZERO_SHOT_SCALE)
     return copy

@@ -92,13 +92,19 @@ def keep_blocks(model: TaskModel, indices: list[int]) -> None:
         config.layer_types = [types[i] for i in indices]
 
 
+ZERO_SHOT_TEMPLATE, ZERO_SHOT_SCALE = "{}", 20.0  # model.head=zero_shot: each label's own name
+
+
 @torch.no_grad()
 def make_zero_shot(model: TaskModel, template: str, scale: float) -> None:
-    """Replace the model's classifier by a cosine head over its label names' embeddings."""
+    """Replace the model's classifier by a cosine head over its label names' embeddings (once:
+    a model that has one already, from `model.head=zero_shot`, keeps it)."""
+    if isinstance(model.net, ZeroShotClassifier):
+        return
     if model.kind != "text" or model.generative:
         raise ModelError(
             f"a zero-shot head scores a text encoder's sentence embedding; {model.source} is not "
-            "a text encoder"
+            "a text encoder (a causal LM on classification rows scores its label words already)"
         )
     encoder = model.net.base_model
     if getattr(encoder, "pooler", None) is not None:

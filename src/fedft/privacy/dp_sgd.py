@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample import (
     GradSampleModuleFastGradientClipping,
@@ -40,6 +41,7 @@ from torch import nn
 from fedft.config import RunConfig
 from fedft.data.encode import TensorData
 from fedft.federation.training import TrainStats, make_optimizer, parameters_by_name, task_of
+from fedft.models.zero_shot import CosineHead
 from fedft.privacy.accounting import MechanismPlan, plan_client
 from fedft.privacy.noise import RandomSource, dp_random, poisson_batches
 
@@ -58,6 +60,22 @@ def embedding_grad_sample(
     if layer.padding_idx is not None and layer.weight in out:
         out[layer.weight][:, layer.padding_idx] = 0
     return out
+
+
+@register_grad_sampler(CosineHead)
+def cosine_head_grad_sample(
+    layer: CosineHead, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients of the zero-shot head's label vectors (`model.head=zero_shot`).
+    logits = s · n(x) · n(W)ᵀ with n(v) = v / |v|: an example's gradient on row k of n(W) is
+    s · g_k · n(x) (g: the gradient reaching the logits), and through the normalization of row k,
+    (I − u_k u_kᵀ) / |w_k| times that. Ghost clipping takes their norms from these."""
+    pooled = F.normalize(activations[0].to(layer.weight.dtype), dim=-1)  # B x D
+    norms = layer.weight.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # K x 1
+    units = layer.weight / norms  # K x D
+    on_units = layer.scale * backprops.to(pooled.dtype)[:, :, None] * pooled[:, None, :]
+    radial = (on_units * units).sum(-1, keepdim=True) * units
+    return {layer.weight: (on_units - radial) / norms}
 
 
 @register_norm_sampler(nn.Embedding)

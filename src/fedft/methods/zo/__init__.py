@@ -51,7 +51,7 @@ from fedft.methods.zo.head import LABEL_ROWS, ExactHead, attach_label_rows, head
 from fedft.methods.zo.records import apply_record, unpack_records
 from fedft.methods.zo.spsa import ScalarPrivacy, ZoSteps, run_zo
 from fedft.models.backbone import TaskModel
-from fedft.models.zero_shot import make_zero_shot
+from fedft.models.zero_shot import ZeroShotClassifier, make_zero_shot
 from fedft.privacy import plan_client
 from fedft.privacy.dp_sgd import dp_scalars
 from fedft.privacy.noise import dp_random
@@ -217,6 +217,8 @@ class Zo(Method):
         self.start = o.start
         if o.start == "auto":  # a causal LM's label words are its zero-shot answer already
             self.start = "zero_shot" if model.kind == "text" and not model.generative else "task"
+        if isinstance(model.net, ZeroShotClassifier):  # model.head=zero_shot gave it one
+            self.start = "zero_shot"
         if self.start == "zero_shot":
             make_zero_shot(model, o.label_template, o.zero_shot_scale)
         self.inner.attach(model)

@@ -1,0 +1,69 @@
+"""`model.head=zero_shot`: every method on a text encoder can start from the label names instead
+of a random classifier. The head starts as the label names' mean-pooled embeddings (so step 0 is
+the zero-shot answer), is the one head every party builds (a server's own copy too), trains and
+is noised under DP-SGD like any other tensor, and a causal LM is refused with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedft.errors import ModelError
+from fedft.federation.engine import build_task, run_federation
+from fedft.metrics import rundir
+from fedft.models.backbone import load_like
+from fedft.models.zero_shot import CosineHead, ZeroShotClassifier, mean_pool
+
+from helpers import tiny_config, tiny_llama_config
+
+ZERO_SHOT = {"model.head": "zero_shot"}
+
+
+@pytest.mark.parametrize("method", ["lora", "head", "bias", "full"])
+def test_every_method_starts_from_the_label_names(tmp_path: Path, method: str):
+    task = build_task(tiny_config(tmp_path, method, **ZERO_SHOT))
+    net = task.model.net
+    assert isinstance(net, ZeroShotClassifier) and isinstance(net.classifier, CosineHead)
+    assert "net.classifier.weight" in task.method.trainable_names
+    assert not any("pooler" in n for n in task.method.trainable_names)  # mean pooling replaces it
+    # row k is label k's name embedded by the untuned encoder, as the run starts
+    fresh = load_like(task.model, task.cfg)
+    assert isinstance(fresh.net, ZeroShotClassifier)
+    torch.testing.assert_close(fresh.net.classifier.weight, net.classifier.weight)
+    tokenizer = task.model.preprocess.tokenizer
+    enc = tokenizer([task.model.label_names[1]], return_tensors="pt")
+    net.eval()
+    with torch.no_grad():
+        hidden = net.encoder(**enc).last_hidden_state
+    torch.testing.assert_close(
+        net.classifier.weight[1], mean_pool(hidden, enc["attention_mask"])[0], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_private_run_trains_the_zero_shot_head(tmp_path: Path):
+    cfg = tiny_config(
+        tmp_path,
+        "lora",
+        **ZERO_SHOT,
+        **{"privacy.mode": "sample", "privacy.epsilon": 8.0, "federation.rounds": 1},
+    )
+    task = build_task(cfg)
+    start = task.model.net.classifier.weight.detach().clone()
+    run_dir, lock = rundir.new_run_dir(cfg, overwrite=False)
+    try:
+        summary = run_federation(task, run_dir)
+    finally:
+        lock.release()
+    tensors, _ = rundir.load_checkpoint(run_dir)
+    head = next(v for k, v in tensors.items() if k.endswith("net.classifier.weight"))
+    assert not torch.allclose(head, start)  # it moved: trained and noised
+    assert summary["privacy"]["epsilon_max"] <= 8.0 + 1e-6
+    assert np.isfinite(summary["final_loss"])
+
+
+def test_a_causal_lm_is_refused_with_the_reason(tmp_path: Path):
+    with pytest.raises(ModelError, match="scores its label words already"):
+        build_task(tiny_llama_config(tmp_path, "lora", **ZERO_SHOT))
