@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import causal_speed  # noqa: E402
+import dp_recipe  # noqa: E402
 import lora_aggregation  # noqa: E402
 import scale_clients  # noqa: E402
 import secure_aggregation  # noqa: E402
@@ -35,6 +36,7 @@ SECTIONS = {
     "zo-sweep": zo_sst2.sweep,
     "zo": zo_sst2.run,
     "dp": dp_sst2.run,
+    "dp-recipe": dp_recipe.run,
     "sfprompt": sfprompt_text.run,
     "fedpft": fedpft_sst2.run,
     "fedpt": fedpt_text.run,
