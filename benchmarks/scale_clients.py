@@ -162,18 +162,30 @@ def batched_speed(sets: dict[str, object]) -> dict[str, float]:
     }
 
 
-def batched_rows() -> list[str]:
+def batched_rows(out: Path) -> list[str]:
+    """The speedup rows; each measurement is kept in `out/batched.json` with its settings, and
+    read back under FEDFT_BENCH_REUSE=1."""
     rows = [
         f"| model | batch | sequential client-steps / s | {BATCH_K} clients a forward pass | speedup |",
         "|---|---|---|---|---|",
     ]
+    path = out / "batched.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    reuse = os.environ.get("FEDFT_BENCH_REUSE") == "1"
     for label, sets in BATCHED.items():
-        try:
-            got = in_child("scale_clients", f"batched_speed({sets!r})")
-        except SystemExit as failed:
-            print(failed, flush=True)
-            rows.append(f"| {label} | {sets['train.batch_size']} | failed | | |")
-            continue
+        key = json.dumps([sets, BATCH_K, BATCH_STEPS, BATCH_REPEATS], sort_keys=True)
+        if reuse and kept.get(label, {}).get("key") == key:
+            got = kept[label]["got"]
+            print(f"[bench] batched {label}: reusing", flush=True)
+        else:
+            try:
+                got = in_child("scale_clients", f"batched_speed({sets!r})")
+            except SystemExit as failed:
+                print(failed, flush=True)
+                rows.append(f"| {label} | {sets['train.batch_size']} | failed | | |")
+                continue
+            kept[label] = {"key": key, "got": got}
+            path.write_text(json.dumps(kept, indent=1))
         rows.append(
             f"| {label} | {sets['train.batch_size']} | {got['sequential']:.2f} | "
             f"{got['batched']:.2f} | {got['batched'] / got['sequential']:.2f}x |"
@@ -235,7 +247,7 @@ rounds of {BATCH_STEPS} steps one after another, against the same clients in one
 step (each example through its own client's LoRA or prompt tokens, and head), in one process, interleaved {BATCH_REPEATS} times
 (medians):
 
-{chr(10).join(batched_rows())}
+{chr(10).join(batched_rows(out))}
 
 Regenerate with `python benchmarks/run.py scale`.
 """
