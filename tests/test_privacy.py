@@ -313,3 +313,26 @@ def test_client_level_run_ends_when_another_round_would_cross_the_target(tmp_pat
     assert len(lines) == affordable == summary["rounds_completed"]
     assert "client-level DP" in summary["stopped"]
     assert summary["privacy"]["epsilon_max"] <= 5.0
+
+
+def test_the_ledger_keeps_each_clients_epsilon_until_its_history_changes():
+    """Cached epsilons stay equal to the accountant's on each client's whole history: after more
+    steps for one client (its entry recomputed), and after a resumed ledger (cache rebuilt)."""
+    from fedft.config import PrivacyConfig
+    from fedft.privacy.accounting import PrivacyLedger, epsilon_for
+
+    cfg = PrivacyConfig(mode="sample", epsilon=8.0, delta=1e-5)
+    ledger = PrivacyLedger(cfg)
+    for client in range(3):
+        ledger.record(client, 1.1, 0.05 * (client + 1), 20)
+    first = ledger.spent()
+    ledger.record(1, 1.1, 0.1, 20)  # same sigma and rate: its history's steps grow
+    ledger.record(2, 0.9, 0.15, 5)  # a new segment
+    after = ledger.spent()
+    assert after[0] == first[0]
+    for client, history in ledger.histories.items():
+        assert after[client] == pytest.approx(epsilon_for(history, 1e-5), rel=1e-12)
+    assert after[1] > first[1] and after[2] > first[2]
+    resumed = PrivacyLedger(cfg)
+    resumed.load_state_dict(ledger.state_dict())
+    assert resumed.spent() == pytest.approx(after, rel=1e-12)
