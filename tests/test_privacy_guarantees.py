@@ -209,10 +209,16 @@ def test_client_level_logs_hold_no_participants_and_no_unnoised_client_statistic
 
 # --- epsilon against dp-accounting -------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("accountant", "clipping"), [("rdp", "per_example"), ("prv", "per_example"), ("rdp", "ghost")]
+    ("method", "accountant", "clipping"),
+    [
+        ("lora", "rdp", "per_example"),
+        ("lora", "prv", "per_example"),
+        ("lora", "rdp", "ghost"),
+        ("fedpt", "rdp", "per_example"),  # the small model's LoRA and zero-shot head
+    ],
 )
 def test_sample_level_epsilon_agrees_with_dp_accounting(
-    tmp_path: Path, accountant: str, clipping: str
+    tmp_path: Path, method: str, accountant: str, clipping: str
 ):
     sets = {
         "privacy.mode": "sample",
@@ -221,7 +227,7 @@ def test_sample_level_epsilon_agrees_with_dp_accounting(
         "privacy.clipping": clipping,
         "federation.rounds": 3,
     }
-    task = build_task(tiny_config(tmp_path, "lora", **sets))
+    task = build_task(tiny_config(tmp_path, method, **sets))
     summary, lines, _ = run(task, "sample")
     spent = lines[-1]["epsilon_per_client"]
     assert spent

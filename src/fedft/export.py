@@ -368,6 +368,19 @@ class FedftModel(transformers.{base_class}):
 '''
 
 
+def _load_modeling_file(folder: Path) -> Any:
+    """The modeling file just written to `folder`, imported as transformers will import it."""
+    import importlib.util
+    import sys
+
+    loader = importlib.util.spec_from_file_location("fedft_modeling", folder / "fedft_modeling.py")
+    assert loader is not None and loader.loader is not None
+    module = importlib.util.module_from_spec(loader)
+    sys.modules.pop("fedft_modeling", None)
+    loader.loader.exec_module(module)
+    return module
+
+
 def _remote_code(run: LoadedRun, folder: Path) -> None:
     from fedft.methods.adapter import ffn_output
 
@@ -395,13 +408,7 @@ def _remote_code(run: LoadedRun, folder: Path) -> None:
     config = model.net.config
     config.fedft = spec
     config.auto_map = {auto: "fedft_modeling.FedftModel"}
-    import importlib.util
-    import sys
-
-    loader = importlib.util.spec_from_file_location("fedft_modeling", folder / "fedft_modeling.py")
-    module = importlib.util.module_from_spec(loader)
-    sys.modules.pop("fedft_modeling", None)
-    loader.loader.exec_module(module)
+    module = _load_modeling_file(folder)
     fresh_net = module.FedftModel(config)
     fresh = _fresh_backbone(run)
     fresh_net.load_state_dict(fresh.net.state_dict(), strict=False)
@@ -478,13 +485,7 @@ def _zero_shot(run: LoadedRun, folder: Path) -> None:
     config.fedft = {"zero_shot_scale": float(net.classifier.scale)}
     config.num_labels = int(net.classifier.weight.shape[0])
     config.auto_map = {"AutoModelForSequenceClassification": "fedft_modeling.FedftZeroShot"}
-    import importlib.util
-    import sys
-
-    loader = importlib.util.spec_from_file_location("fedft_modeling", folder / "fedft_modeling.py")
-    module = importlib.util.module_from_spec(loader)
-    sys.modules.pop("fedft_modeling", None)
-    loader.loader.exec_module(module)
+    module = _load_modeling_file(folder)
     exported = module.FedftZeroShot(config)
     exported.load_state_dict(encoder.state_dict(), strict=False)
     _load_into(exported, renamed)

@@ -96,9 +96,10 @@ class FedPt(LoraAdapters):
     summary = "proxy-tuning: a small LoRA model steers a black-box large model's logits"
     options_model = FedPtOptions
     default_lr = 1e-3
-    # Client-level DP covers what clients send; the server's distillation reads only public data.
-    # Sample-level DP-SGD is not offered: Opacus has no per-example rule for the zero-shot head.
-    privacy_modes = ("client",)
+    # Client-level DP covers what clients send; sample-level DP-SGD the clients' steps (the
+    # zero-shot head has its per-example rule in privacy.dp_sgd). The server's alpha and its
+    # distillation read only its own validation rows and public data.
+    privacy_modes = ("sample", "client")
 
     # rows of the training split the server keeps to choose α (data.server_rows overrides)
     validation_rows = 200
