@@ -30,8 +30,8 @@ OLD = {  # the `dp` section's setting, for contrast
 RECIPE = {
     **OLD,
     "model.head": "zero_shot",
-    "data.max_train_samples": 24_000,  # 2,400 rows a client
-    "train.batch_size": 480,  # the expected Poisson batch: q = 0.2
+    "data.max_train_samples": 12_000,  # 1,200 rows a client
+    "train.batch_size": 240,  # the expected Poisson batch: q = 0.2
     "federation.eval_initial": True,
 }
 METHODS = ["lora"]
@@ -104,7 +104,7 @@ Machine: {machine()}.
 
 The `dp` section's setting (2,000 SST-2 train rows IID over 10 clients, 200 each; expected
 batch 16; a random classifier and BERT pooler, 148,610 values, trained with LoRA) against the
-recipe: {RECIPE["data.max_train_samples"]:,} rows (2,400 a client), expected Poisson batch {RECIPE["train.batch_size"]} (q = 0.2), and
+recipe: {RECIPE["data.max_train_samples"]:,} rows ({RECIPE["data.max_train_samples"] // 10:,} a client), expected Poisson batch {RECIPE["train.batch_size"]} (q = 0.2), and
 `model.head=zero_shot` (the label names' cosine head, 768 values, so the run starts from the
 zero-shot answer). Both: 5 of 10 clients a round, {ROUNDS} rounds of one local epoch, AdamW at the
 method's default lr, clipping C = 1, delta 1e-5, the noise calibrated per client over every step
@@ -116,9 +116,9 @@ it could take in the run; test on the 872-row validation set. One seed.
 
 Why: the noise on the averaged gradient has std sigma·C/B per coordinate over every trained
 coordinate, the signal is at most C. At B = 16 and sigma ≈ 0.84 (epsilon 8) over LoRA's
-73,728 values and the head's 148,610, the noise's norm is about 24 C a step; at B = 480 (sigma
-from the accountant at q = 0.2) over 74,496 values it is under 1 C, and the five clients'
-independent noise averages down on the server.
+73,728 values and the head's 148,610, the noise's norm is about 24 C a step; at B = 240 (sigma
+from the accountant at q = 0.2, in the table) over 74,496 values it is about 1.3 C, and the five
+clients' independent noise averages down on the server.
 
 Regenerate with `python benchmarks/run.py dp-recipe`.
 """
