@@ -130,7 +130,7 @@ coordinate, the signal is at most C. At B = 16 and sigma ≈ 0.84 (epsilon 8) ov
 from the accountant at q = 0.2, in the table) over 74,496 values it is about 1.3 C, and the five
 clients' independent noise averages down on the server.
 
-What the recipe does not do yet, and what to try: more rows a client (the SST-2 file has
+Next to try beyond this recipe: more rows a client (the SST-2 file has
 67,349; a client's noise shrinks with its expected batch at the same q), more rounds, and a
 sweep of the learning rate and clipping bound under DP (both are the methods' non-DP defaults
 here). One seed; the `seeds` comparison of issue 18 needs three.
