@@ -108,7 +108,7 @@ def run(out: Path) -> str:
                 )
             )
     body = f"""
-## DP-SGD that learns (SST-2, MiniLM, 10 clients)
+## Toward DP-SGD that learns: a recipe against the `dp` setting (SST-2, MiniLM, 10 clients)
 
 Machine: {machine()}.
 
