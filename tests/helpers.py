@@ -122,6 +122,16 @@ def write_generation_data(folder: Path, train: int = 60, test: int = 12) -> Path
     return folder
 
 
+LABEL_WORDS = {  # tiny-llama on classification rows: label words scored by its LM head
+    "data.source": "demo",
+    "data.label_column": "label",
+    "data.max_train_samples": 64,
+    "data.max_test_samples": 16,
+    "data.partition": "iid",
+    "model.max_length": 64,
+}
+
+
 def tiny_llama_config(tmp_path: Path, method: str = "lora", **sets: object) -> RunConfig:
     """A tiny-llama run on a small instruction set: short rows, few generations, no initial
     evaluation unless asked."""

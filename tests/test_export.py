@@ -17,7 +17,7 @@ from fedft.federation.engine import build_task, run_federation
 from fedft.metrics import rundir
 from fedft.tasks.prompts import IGNORE
 
-from helpers import tiny_config, tiny_llama_config
+from helpers import LABEL_WORDS, tiny_config, tiny_llama_config
 
 
 def finished_run(cfg) -> tuple[Path, dict, object]:
@@ -179,15 +179,7 @@ def test_zo_label_word_rows_export_as_an_untied_lm_head(tmp_path: Path):
 
     from fedft.export import load_run
 
-    sets = {
-        "data.source": "demo",
-        "data.label_column": "label",
-        "data.max_train_samples": 64,
-        "data.max_test_samples": 16,
-        "data.partition": "iid",
-        "model.max_length": 64,
-        "method.params": "lora",
-    }
+    sets = {**LABEL_WORDS, "method.params": "lora"}
     run_dir, summary, task = finished_run(tiny_llama_config(tmp_path, "zo", **sets))
     assert summary["method_choices"]["head"] == "exact"
     out = export(run_dir, tmp_path / "out")

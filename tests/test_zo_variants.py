@@ -18,7 +18,7 @@ from fedft.methods.zo.head import head_module
 from fedft.metrics import rundir
 from fedft.models.zero_shot import CosineHead
 
-from helpers import tiny_config, tiny_llama_config
+from helpers import LABEL_WORDS, tiny_config, tiny_llama_config
 
 
 def quadratic_estimate(directions: Directions, theta: list[torch.Tensor], draws: int):
@@ -142,14 +142,6 @@ def test_exact_head_refusals(tmp_path: Path):
         build_task(tiny_config(tmp_path, "zo", **{"method.head": "exact", "method.params": "head"}))
 
 
-LABEL_WORDS = {  # tiny-llama on classification rows: label words scored by its LM head
-    "data.source": "demo",
-    "data.label_column": "label",
-    "data.max_train_samples": 64,
-    "data.max_test_samples": 16,
-    "data.partition": "iid",
-    "model.max_length": 64,
-}
 DP = {"privacy.mode": "sample", "privacy.epsilon": 8}
 
 
