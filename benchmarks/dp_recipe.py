@@ -107,6 +107,12 @@ def run(out: Path) -> str:
                     "yet."
                 )
             )
+    noise_norms = ", ".join(
+        f"{s['privacy']['noise_multiplier_max'] / RECIPE['train.batch_size'] * 74_496**0.5:.1f} C "
+        f"at epsilon {eps:g} (sigma {s['privacy']['noise_multiplier_max']:.2f})"
+        for eps in EPSILONS
+        for s in [results[f"{METHODS[0]}, recipe, eps {eps:g}"][0]]
+    )
     body = f"""
 ## Toward DP-SGD that learns: a recipe against the `dp` setting (SST-2, MiniLM, 10 clients)
 
@@ -126,9 +132,9 @@ it could take in the run; test on the 872-row validation set. One seed.
 
 Why: the noise on the averaged gradient has std sigma·C/B per coordinate over every trained
 coordinate, the signal is at most C. At B = 16 and sigma ≈ 0.84 (epsilon 8) over LoRA's
-73,728 values and the head's 148,610, the noise's norm is about 24 C a step; at B = 240 (sigma
-from the accountant at q = 0.2, in the table) over 74,496 values it is about 1.3 C, and the five
-clients' independent noise averages down on the server.
+73,728 values and the head's 148,610, the noise's norm is about 24 C a step; at B = {RECIPE["train.batch_size"]} over
+74,496 values it is {noise_norms}, and the five clients' independent noise averages down on the
+server.
 
 Next to try beyond this recipe: more rows a client (the SST-2 file has
 67,349; a client's noise shrinks with its expected batch at the same q), more rounds, and a

@@ -423,7 +423,8 @@ def run_smollm2(out: Path) -> str:
         f"Divergence, more than too few steps, is what held zo back: {', '.join(lost) or 'none'} "
         "diverged (loss rising to more than twice its first round's, accuracy back to one class). "
         f"The zo rows that held and beat the untuned start bound each step: {', '.join(held) or 'none'}. "
-        "Sparse perturbations move a quarter of the LoRA entries a step; DP clips each example's "
+        "Sparse perturbations move only the quarter of each LoRA matrix's entries smallest in "
+        "magnitude (with ties, all of a B that is still zero); DP clips each example's "
         "scalar to C = 2, which bounds the step whatever the loss difference, and its noise did "
         "not stop learning at this batch."
     )
