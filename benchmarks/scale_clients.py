@@ -162,6 +162,79 @@ def batched_speed(sets: dict[str, object]) -> dict[str, float]:
     }
 
 
+EVAL_CLIENTS, EVAL_REPEATS = 100, 3
+EVAL_METHODS = ["prompt", "lora"]
+
+
+def eval_speed(method: str) -> dict[str, float]:
+    """In a child process: the final client evaluation of `EVAL_CLIENTS` clients (the scale
+    table's settings), each client's rows in forwards of their own, against all their rows in one
+    pass (what the local engine does), interleaved `EVAL_REPEATS` times; medians, and the
+    largest difference between the two in any client's metric."""
+    import time
+
+    import torch
+
+    from fedft.config import build_config
+    from fedft.federation.client import ClientRuntime
+    from fedft.federation.engine import build_task, make_server
+    from fedft.federation.payload import Message
+
+    torch.set_num_threads(2)
+    sets = {**BASE, "method.name": method, "federation.clients": EVAL_CLIENTS}
+    task = build_task(build_config(base=sets))
+    server = make_server(task)
+    runtime = ClientRuntime(task.method, task.model, task.data, task.cfg, task.device)
+    clients = [c for c in range(EVAL_CLIENTS) if len(task.data.clients[c].test)]
+    messages = [Message(c, "evaluate", server.evaluation_payload(c), 1) for c in clients]
+    alone, together = [], []
+    for _ in range(EVAL_REPEATS):
+        began = time.perf_counter()
+        singles = [runtime.handle(m).scalars for m in messages]
+        alone.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        joint = [p.scalars for p in runtime.handle_batch(messages)]
+        together.append(time.perf_counter() - began)
+    gap = max(abs(a[k] - b[k]) for a, b in zip(singles, joint, strict=True) for k in a)
+    return {
+        "clients": len(clients),
+        "rows": sum(int(p["num_examples"]) for p in joint),
+        "alone": statistics.median(alone),
+        "together": statistics.median(together),
+        "gap": gap,
+    }
+
+
+def eval_rows(out: Path) -> list[str]:
+    """The joint evaluation's rows, kept in `out/eval.json` like `batched_rows`."""
+    rows = [
+        "| method | clients | test rows | a forward per client | one pass over all rows | speedup "
+        "| largest metric difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    path = out / "eval.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    reuse = os.environ.get("FEDFT_BENCH_REUSE") == "1"
+    for method in EVAL_METHODS:
+        key = json.dumps([BASE, EVAL_CLIENTS, EVAL_REPEATS], sort_keys=True)
+        if reuse and kept.get(method, {}).get("key") == key:
+            got = kept[method]["got"]
+        else:
+            try:
+                got = in_child("scale_clients", f"eval_speed({method!r})")
+            except SystemExit as failed:
+                print(failed, flush=True)
+                rows.append(f"| {method} | {EVAL_CLIENTS} | failed | | | | |")
+                continue
+            kept[method] = {"key": key, "got": got}
+            path.write_text(json.dumps(kept, indent=1))
+        rows.append(
+            f"| {method} | {got['clients']} | {got['rows']:,} | {got['alone']:.1f} s | "
+            f"{got['together']:.1f} s | {got['alone'] / got['together']:.2f}x | {got['gap']:.1e} |"
+        )
+    return rows
+
+
 def batched_rows(out: Path) -> list[str]:
     """The speedup rows; each measurement is kept in `out/batched.json` with its settings, and
     read back under FEDFT_BENCH_REUSE=1."""
@@ -248,6 +321,15 @@ step (each example through its own client's LoRA or prompt tokens, and head), in
 (medians):
 
 {chr(10).join(batched_rows(out))}
+
+The final client evaluation scores the sampled clients' test rows in one pass (each client's
+metrics from its own rows' figures, batches filled across clients) instead of a forward per
+client; each client is still charged the model it is sent. Measured side by side at
+{EVAL_CLIENTS} clients (the table's settings, the untuned model, {EVAL_REPEATS} interleaved
+repeats, medians; the last column: the largest difference in any client's loss or accuracy
+between the two):
+
+{chr(10).join(eval_rows(out))}
 
 Regenerate with `python benchmarks/run.py scale`.
 """

@@ -19,6 +19,7 @@ from fedft.federation.engine import Task, build_task, run_federation
 from fedft.federation.training import parameters_by_name, read_state, write_state
 from fedft.metrics import rundir
 from fedft.privacy import MechanismPlan, plan_client
+from fedft.privacy.accounting import calibrate_noise, rdp_floor
 from fedft.privacy.client_level import noisy_mean_update, round_participants
 from fedft.privacy.dp_sgd import PrivateSteps, uses_ghost_clipping
 from fedft.privacy.noise import SecretRandom, SeededRandom
@@ -293,6 +294,18 @@ def test_budgets_that_cannot_be_met_are_refused_with_the_reason(tmp_path: Path):
         )
     with pytest.raises(ConfigError, match="method .zo. does not offer it; methods that do: .*lora"):
         build_task(tiny_config(tmp_path, "zo", **{"privacy.mode": "client", "privacy.epsilon": 8}))
+
+
+def test_an_epsilon_below_the_rdp_floor_is_refused_before_any_search():
+    # what Opacus's RDP accountant reports under overwhelming noise: no noise gets below it
+    accountant = RDPAccountant()
+    accountant.history = [(1e4, 0.5, 2)]
+    assert rdp_floor(1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-5)
+    with pytest.raises(ConfigError, match="no less than 0.103 with any noise"):
+        calibrate_noise(0.1, 1e-5, 0.5, 2)
+    above = calibrate_noise(0.2, 1e-5, 0.5, 2)  # above the floor: a noise that meets it
+    accountant.history = [(above, 0.5, 2)]
+    assert accountant.get_epsilon(1e-5) <= 0.2
 
 
 def test_client_level_run_ends_when_another_round_would_cross_the_target(tmp_path: Path):

@@ -10,6 +10,11 @@ from fedft.config import FederationConfig
 Tensors = dict[str, torch.Tensor]
 
 
+def same_tensors(a: Tensors, b: Tensors) -> bool:
+    """Whether two states hold the same names and values (the same objects, or equal)."""
+    return a.keys() == b.keys() and all(a[k] is b[k] or torch.equal(a[k], b[k]) for k in a)
+
+
 def weighted_mean(states: list[Tensors], weights: list[float]) -> Tensors:
     """sum_i w_i x_i / sum_i w_i per tensor, accumulated in float64 and cast back."""
     if not states:

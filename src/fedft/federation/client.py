@@ -93,15 +93,22 @@ class ClientRuntime:
         return handler(self.context(message), message.payload)
 
     def handle_batch(self, messages: list[Message]) -> list[Payload] | None:
-        """Train messages of several clients in one forward pass a step, where the method's
-        train handler is its default client round and it can (`Method.client_train_batch`);
-        None otherwise."""
-        if any(m.kind != "train" for m in messages):
+        """Messages of one kind from several clients at once, where the method's handler for it
+        is its default and it can: train in one forward pass a step
+        (`Method.client_train_batch`), evaluate in one pass over all their test rows
+        (`Method.client_evaluate_batch`); None otherwise."""
+        kind = messages[0].kind
+        batched = {
+            "train": (self.method.client_train, self.method.client_train_batch),
+            "evaluate": (self.method.client_evaluate, self.method.client_evaluate_batch),
+        }
+        if kind not in batched or any(m.kind != kind for m in messages):
             return None
-        if self.handlers.get("train") != self.method.client_train:
+        handler, batch_handler = batched[kind]
+        if self.handlers.get(kind) != handler:
             return None
         contexts = [self.context(m) for m in messages]
-        return self.method.client_train_batch(contexts, [m.payload for m in messages])
+        return batch_handler(contexts, [m.payload for m in messages])
 
     def context(self, message: Message) -> ClientContext:
         return ClientContext(

@@ -45,6 +45,8 @@ class LocalGrid:
 
     def exchange(self, messages: list[Message]) -> list[Reply]:
         size = self.runtime.cfg.federation.batch_clients
+        if all(m.kind == "evaluate" for m in messages):
+            size = len(messages)  # scoring batches rows across clients, at no cost to results
         replies: list[Reply] = []
         for start in range(0, len(messages), size):
             chunk = messages[start : start + size]
@@ -83,15 +85,16 @@ class LocalGrid:
         return Reply(message.client, message.kind, payload, error, cost)
 
     def _batched(self, chunk: list[Message]) -> list[Reply] | None:
-        """The chunk's clients in one forward pass a step (`federation.batch_clients`), each
-        charged an equal share of the time and the chunk's peak memory; None where the method
-        cannot, or the joined round failed (its clients then run one by one, so that a failing
-        client fails alone)."""
+        """The chunk's clients at once (training: one forward pass a step,
+        `federation.batch_clients`; evaluation: one pass over all their test rows), each charged
+        an equal share of the time and the chunk's peak memory; None where the method cannot, or
+        the joined work failed (its clients then run one by one, so that a failing client fails
+        alone)."""
         with measure(self.device, self.runtime.cfg.federation.count_flops) as m:
             try:
                 payloads = self.runtime.handle_batch(chunk)
             except Exception as exc:
-                log.warning("batched clients failed (%s); training them one by one", exc)
+                log.warning("batched clients failed (%s); running them one by one", exc)
                 return None
         if payloads is None:
             return None

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from fedft.config import RunConfig
 from fedft.data.encode import TensorData
 from fedft.errors import ConfigError, ModelError
-from fedft.federation.aggregation import Tensors
+from fedft.federation.aggregation import Tensors, same_tensors
 from fedft.federation.batched import batchable, train_batched
 from fedft.federation.client import ClientContext, Handler
 from fedft.federation.payload import Payload
@@ -26,6 +26,7 @@ from fedft.federation.training import (
     evaluate,
     local_steps,
     read_state,
+    task_of,
     train_locally,
     write_state,
 )
@@ -202,6 +203,29 @@ class Method:
             generations=ctx.cfg.task.client_eval_generations,
         )
         return Payload({}, {"num_examples": stats.num_examples, **stats.metrics})
+
+    def client_evaluate_batch(
+        self, ctxs: list[ClientContext], payloads: list[Payload]
+    ) -> list[Payload] | None:
+        """`client_evaluate` of several clients with one pass over all their test rows, where
+        they score the same tensors (the global model) the default way; None otherwise, and they
+        score one after another."""
+        if type(self).client_evaluate is not Method.client_evaluate:
+            return None
+        tensors = payloads[0].tensors
+        if not all(same_tensors(p.tensors, tensors) for p in payloads[1:]):
+            return None
+        first = ctxs[0]
+        write_state(first.model, tensors)
+        results = task_of(first.model).evaluate_groups(
+            first.model,
+            first.data.train,
+            [ctx.test_rows for ctx in ctxs],
+            first.cfg.train.batch_size * 4,
+            first.device,
+            generations=first.cfg.task.client_eval_generations,
+        )
+        return [Payload({}, metrics) for metrics in results]
 
     def client_states_loaded(self, states: dict[int, dict[str, Any]], model: TaskModel) -> None:
         """The local engine put its clients' lasting states back from a checkpoint (a resumed

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedft.config import PrivacyConfig, RunConfig
@@ -57,6 +58,15 @@ def epsilon_for(history: History, delta: float, accountant: str = "rdp") -> floa
         return float(acc.get_epsilon(delta=delta))
 
 
+def rdp_floor(delta: float) -> float:
+    """The least epsilon the RDP accountant can report at `delta`, whatever the noise: its
+    conversion from Renyi DP (Balle et al. 2020, as Opacus computes it) at zero Renyi divergence,
+    over Opacus's orders."""
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+    eps = -(np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    return float(eps.min())
+
+
 @lru_cache(maxsize=256)
 def calibrate_noise(
     epsilon: float,
@@ -67,8 +77,16 @@ def calibrate_noise(
     remedy: str = "take fewer rounds or steps",
 ) -> float:
     """The smallest noise multiplier (to Opacus's search tolerance) that keeps `steps` steps at
-    rate `sample_rate` within (epsilon, delta). Raises ConfigError when none can. Cached: every
-    client of a given size asks the same question every round."""
+    rate `sample_rate` within (epsilon, delta). Raises ConfigError when none can: at once where
+    epsilon is below the RDP accountant's floor (Opacus's own search would climb the noise to a
+    million first, for seconds). Cached: every client of a given size asks the same question
+    every round."""
+    if accountant == "rdp" and epsilon <= (floor := rdp_floor(delta)):
+        raise ConfigError(
+            f"privacy.epsilon={epsilon} cannot be met at delta={delta}: the RDP accountant "
+            f"reports no less than {floor:.3g} with any noise; raise privacy.epsilon (or "
+            "privacy.delta)"
+        )
     try:
         with quiet_opacus():
             sigma = get_noise_multiplier(

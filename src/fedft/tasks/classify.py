@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedft.tasks.base import Task
+from fedft.tasks.base import RowScores, Task
 
 if TYPE_CHECKING:
     from fedft.data.encode import TensorData
@@ -46,28 +46,32 @@ class Classify(Task):
         scale = pixel_scale_of(raw.train) if raw.kind == "image" else None
         return encode(raw.train, self.preprocess, scale), encode(raw.test, self.preprocess, scale)
 
-    @torch.inference_mode()
-    def evaluate(
+    def score_rows(
         self,
         model: torch.nn.Module,
         data: TensorData,
-        rows: np.ndarray | None,
+        rows: np.ndarray,
         batch_size: int,
         device: torch.device,
-        generations: int | None = None,
-    ) -> dict[str, float]:
-        rows = np.arange(len(data)) if rows is None else rows
-        if len(rows) == 0:
-            return {"num_examples": 0, "loss": float("nan"), "accuracy": float("nan")}
-        was_training = model.training
-        model.eval()
-        total_loss, correct = 0.0, 0
+        generate: np.ndarray | None = None,
+    ) -> RowScores:
+        """Each row's cross-entropy and whether its arg-max class is its label."""
+        losses, correct = np.zeros(len(rows)), np.zeros(len(rows), dtype=bool)
         for start in range(0, len(rows), batch_size):
             index = rows[start : start + batch_size]
             batch = {k: v.to(device) for k, v in data.batch(index).items()}
             logits = model(batch)
-            total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        model.train(was_training)
-        n = len(rows)
-        return {"num_examples": n, "loss": total_loss / n, "accuracy": correct / n}
+            span = slice(start, start + len(index))
+            losses[span] = F.cross_entropy(logits.float(), batch["labels"], reduction="none").cpu()
+            correct[span] = (logits.argmax(-1) == batch["labels"]).cpu().numpy()
+        return {"loss": losses, "correct": correct}
+
+    def summarize(self, scores: RowScores) -> dict[str, float]:
+        n = len(scores["loss"])
+        if n == 0:
+            return {"num_examples": 0, "loss": float("nan"), "accuracy": float("nan")}
+        return {
+            "num_examples": n,
+            "loss": float(scores["loss"].sum() / n),
+            "accuracy": float(scores["correct"].sum() / n),
+        }

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fedft.errors import ConfigError
-from fedft.tasks.base import Task
+from fedft.tasks.base import RowScores, Task
 from fedft.tasks.prompts import (
     IGNORE,
     Encoded,
@@ -193,63 +193,64 @@ class Generate(Task):
         return (norms * mask).sum(1) / mask.sum(1).clamp_min(1)
 
     # --- scoring ---------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def evaluate(
-        self,
-        model: torch.nn.Module,
-        data: TensorData,
-        rows: np.ndarray | None,
-        batch_size: int,
-        device: torch.device,
-        generations: int | None = None,
-    ) -> dict[str, float]:
-        rows = np.arange(len(data)) if rows is None else np.asarray(rows)
-        if len(rows) == 0:
-            return {"num_examples": 0, "loss": float("nan")}
-        was_training = model.training
-        model.eval()
-        try:
-            nll_sum, tokens = 0.0, 0
-            for batch in self.scoring_batches(data, rows, batch_size, device):
-                nll, mask = token_nll(model(batch), batch["target_ids"])
-                nll_sum += float((nll * mask).sum())
-                tokens += int(mask.sum())
-            loss = nll_sum / max(tokens, 1)
-            out: dict[str, float] = {
-                "num_examples": len(rows),
-                "loss": loss,
-                "perplexity": math.exp(min(loss, 50.0)),
-            }
-            if self.mode == "labels":
-                out["accuracy"] = self.label_accuracy(model, data, rows, batch_size, device)
-            count = self.options.eval_generations if generations is None else generations
-            if self.mode == "sft" and count > 0:
-                picked = self.generation_rows(rows, count)
-                out["rouge_l"] = self.rouge_l(model, data, picked, batch_size, device)
-                out["generated"] = len(picked)
-        finally:
-            model.train(was_training)
-        return out
-
-    def generation_rows(self, rows: np.ndarray, count: int) -> np.ndarray:
-        """A fixed, seeded subset of `rows`: the same rows every time the model is scored."""
-        order = np.random.default_rng(self.seed).permutation(len(rows))[:count]
-        return np.sort(rows[order])
-
-    def label_accuracy(
+    def score_rows(
         self,
         model: torch.nn.Module,
         data: TensorData,
         rows: np.ndarray,
         batch_size: int,
         device: torch.device,
-    ) -> float:
-        """The share of rows whose own label word has the highest likelihood given the prompt."""
-        correct = 0
-        for batch in self.scoring_batches(data, rows, self.label_batch_size(batch_size)):
-            scores = self.label_scores(model, batch, device)
-            correct += int((scores.argmax(1).cpu() == batch["labels"]).sum())
-        return correct / len(rows)
+        generate: np.ndarray | None = None,
+    ) -> RowScores:
+        """Each row's summed target-token loss and its target tokens; under `labels`, whether its
+        own label word is the likeliest; Rouge-L of its greedy generation where `generate` marks
+        it (NaN elsewhere)."""
+        nll_sum, tokens = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
+        for at, batch in self.scoring_positions(data, rows, batch_size, device):
+            nll, mask = token_nll(model(batch), batch["target_ids"])
+            nll_sum[at] = (nll * mask).sum(1).cpu().numpy()
+            tokens[at] = mask.sum(1).cpu().numpy()
+        out: RowScores = {"nll_sum": nll_sum, "tokens": tokens}
+        if self.mode == "labels":
+            out["correct"] = np.zeros(len(rows), dtype=bool)
+            for at, batch in self.scoring_positions(data, rows, self.label_batch_size(batch_size)):
+                scores = self.label_scores(model, batch, device)
+                out["correct"][at] = (scores.argmax(1).cpu() == batch["labels"]).numpy()
+        if generate is not None:
+            out["rouge_l"] = np.full(len(rows), np.nan)
+            picked = np.flatnonzero(generate)
+            for at, batch in self.scoring_positions(data, rows[picked], batch_size):
+                out["rouge_l"][picked[at]] = self.rouge_scores(model, batch, device)
+        return out
+
+    def summarize(self, scores: RowScores) -> dict[str, float]:
+        n = len(scores["nll_sum"])
+        if n == 0:
+            return {"num_examples": 0, "loss": float("nan")}
+        loss = float(scores["nll_sum"].sum() / max(int(scores["tokens"].sum()), 1))
+        out: dict[str, float] = {
+            "num_examples": n,
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+        }
+        if "correct" in scores:
+            out["accuracy"] = float(scores["correct"].sum() / n)
+        if "rouge_l" in scores:
+            scored = scores["rouge_l"][~np.isnan(scores["rouge_l"])]
+            out["rouge_l"] = float(scored.mean()) if len(scored) else float("nan")
+            out["generated"] = len(scored)
+        return out
+
+    def generation_mask(self, rows: np.ndarray, generations: int | None) -> np.ndarray | None:
+        count = self.options.eval_generations if generations is None else generations
+        if self.mode != "sft" or count <= 0:
+            return None
+        return np.isin(rows, self.generation_rows(rows, count))
+
+    def generation_rows(self, rows: np.ndarray, count: int) -> np.ndarray:
+        """A fixed, seeded subset of `rows`: the same rows every time the model is scored."""
+        order = np.random.default_rng(self.seed).permutation(len(rows))[:count]
+        return np.sort(rows[order])
 
     def scoring_batches(
         self,
@@ -260,9 +261,20 @@ class Generate(Task):
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The rows in batches of similar length (less padding), in a fixed order; on `device`
         where one is given."""
-        for index in _by_length(rows, data, batch_size):
-            batch = data.batch(index)
-            yield batch if device is None else {k: v.to(device) for k, v in batch.items()}
+        for _, batch in self.scoring_positions(data, rows, batch_size, device):
+            yield batch
+
+    def scoring_positions(
+        self,
+        data: TensorData,
+        rows: np.ndarray,
+        batch_size: int,
+        device: torch.device | None = None,
+    ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """`scoring_batches`, each with the positions in `rows` of its rows."""
+        for at in _by_length(rows, data, batch_size):
+            batch = data.batch(rows[at])
+            yield at, batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
     def label_batch_size(self, batch_size: int) -> int:
         """Rows a batch when each row is scored with every label word."""
@@ -289,28 +301,21 @@ class Generate(Task):
         nll, mask = token_nll(output, scored["target_ids"])
         return -(nll * mask).sum(1).view(-1, len(self.word_ids))
 
-    def rouge_l(
-        self,
-        model: torch.nn.Module,
-        data: TensorData,
-        rows: np.ndarray,
-        batch_size: int,
-        device: torch.device,
-    ) -> float:
-        """Mean Rouge-L F-measure (stemmed) of greedy generations against the responses."""
+    def rouge_scores(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+    ) -> list[float]:
+        """Rouge-L F-measure (stemmed) of each row's greedy generation against its response."""
         from rouge_score import rouge_scorer
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         scores = []
-        for batch in self.scoring_batches(data, rows, batch_size):
-            answers = self.generate(model, _prompts(batch), device)
-            for i, answer in enumerate(answers):
-                targets = batch["target_ids"][i]
-                reference = self.tokenizer.decode(
-                    targets[targets != IGNORE], skip_special_tokens=True
-                ).strip()
-                scores.append(scorer.score(reference, answer)["rougeL"].fmeasure)
-        return float(np.mean(scores)) if scores else float("nan")
+        for i, answer in enumerate(self.generate(model, _prompts(batch), device)):
+            targets = batch["target_ids"][i]
+            reference = self.tokenizer.decode(
+                targets[targets != IGNORE], skip_special_tokens=True
+            ).strip()
+            scores.append(scorer.score(reference, answer)["rougeL"].fmeasure)
+        return scores
 
     def generate(
         self, model: torch.nn.Module, prompts: list[list[int]], device: torch.device
@@ -390,7 +395,8 @@ def continuation_batch(
 
 
 def _by_length(rows: np.ndarray, data: TensorData, batch_size: int) -> list[np.ndarray]:
-    """Batches of rows of similar length (less padding to compute), in a fixed order."""
+    """Batches of similar length (less padding to compute), in a fixed order, as positions in
+    `rows`."""
     lengths = data.lengths[rows] if data.lengths is not None else np.zeros(len(rows))
-    ordered = rows[np.argsort(lengths, kind="stable")]
-    return [ordered[s : s + batch_size] for s in range(0, len(ordered), batch_size)]
+    order = np.argsort(lengths, kind="stable")
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
