@@ -271,6 +271,19 @@ def evaluate_initial(task: Task, server: Server) -> dict[str, Any]:
     return {**scores, "seconds": time.perf_counter() - started}
 
 
+def evaluation_clients(task: Task) -> tuple[list[int], int]:
+    """The clients that score the final model (at most `federation.eval_clients`, drawn once
+    with the run seed from those with local test rows: a bounded cost at any population), and
+    how many they were drawn from."""
+    clients = [c for c in range(task.cfg.federation.clients) if len(task.data.clients[c].test) > 0]
+    population = len(clients)
+    wanted = task.cfg.federation.eval_clients
+    if wanted is not None and wanted < population:
+        rng = np.random.default_rng([task.cfg.seed, EVAL_CLIENTS_TAG])
+        clients = sorted(rng.choice(clients, size=wanted, replace=False).tolist())
+    return clients, population
+
+
 def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) -> dict[str, Any]:
     """Each client scores the final global model on its local test rows (non-IID shows here).
 
@@ -283,12 +296,7 @@ def evaluate_clients(task: Task, server: Server, grid: Grid, round_number: int) 
     p = task.cfg.privacy
     if p.mode == "client" and not p.reproducible_noise_not_private:
         return {"withheld": WITHHELD}
-    clients = [c for c in range(task.cfg.federation.clients) if len(task.data.clients[c].test) > 0]
-    population = len(clients)
-    wanted = task.cfg.federation.eval_clients
-    if wanted is not None and wanted < population:  # a bounded cost at any population
-        rng = np.random.default_rng([task.cfg.seed, EVAL_CLIENTS_TAG])
-        clients = sorted(rng.choice(clients, size=wanted, replace=False).tolist())
+    clients, population = evaluation_clients(task)
     started = time.perf_counter()
     replies = grid.exchange(
         [Message(c, "evaluate", server.evaluation_payload(c), round_number) for c in clients]
