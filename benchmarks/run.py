@@ -22,6 +22,7 @@ import fedpt_generate  # noqa: E402
 import fedpt_text  # noqa: E402
 import generate_headlines  # noqa: E402
 import methods_sst2  # noqa: E402
+import seeds  # noqa: E402
 import sfprompt_text  # noqa: E402
 import zo_learns  # noqa: E402
 import zo_memory  # noqa: E402
@@ -51,6 +52,7 @@ SECTIONS = {
     "lora-aggregation": lora_aggregation.run,
     "lora-aggregation-smollm2": lora_aggregation.run_smollm2,
     "secure-aggregation": secure_aggregation.run,
+    "seeds": seeds.run,
 }
 
 

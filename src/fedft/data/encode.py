@@ -17,9 +17,10 @@ from fedft.models.backbone import Preprocess
 @dataclass
 class TensorData:
     """Rows as tensors. `labels` are class ids (for generation without classes, zeros).
-    Generation rows are right-padded to `model.max_length`; with `trim`, a batch drops the
-    padding columns no row of it uses (exact for a causal LM), and `lengths` (real tokens per row)
-    lets batches group rows of similar length."""
+    Text rows are right-padded to `model.max_length`; with `trim`, a batch drops the padding
+    columns no row of it uses (the attention mask already hid them: the same result, up to float
+    rounding, for less compute), and `lengths` (real tokens per row) lets batches group rows of
+    similar length (`length_batches`)."""
 
     features: dict[str, torch.Tensor]
     labels: torch.Tensor
@@ -38,6 +39,13 @@ class TensorData:
         out["labels"] = self.labels[idx]
         return out
 
+    def length_batches(self, rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        """Batches of `rows` of similar length (less padding to compute), in a fixed order, as
+        positions in `rows`."""
+        lengths = self.lengths[rows] if self.lengths is not None else np.zeros(len(rows))
+        order = np.argsort(lengths, kind="stable")
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
 
 def encode(ds: datasets.Dataset, pre: Preprocess, pixel_scale: float | None = None) -> TensorData:
     labels = torch.tensor(ds["label"], dtype=torch.long)
@@ -49,8 +57,12 @@ def encode(ds: datasets.Dataset, pre: Preprocess, pixel_scale: float | None = No
             max_length=pre.max_length,
             return_tensors="pt",
         )
+        mask = enc["attention_mask"]
         return TensorData(
-            {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, labels
+            {"input_ids": enc["input_ids"], "attention_mask": mask},
+            labels,
+            lengths=mask.sum(1).numpy(),
+            trim=pre.tokenizer.padding_side == "right",
         )
     return TensorData({"pixel_values": _pixels(ds, pre, pixel_scale)}, labels)
 

@@ -100,8 +100,11 @@ def step_batches(
 
 
 def row_lengths(data: TensorData, cfg: TrainConfig) -> np.ndarray | None:
-    """The lengths to group batches by: generation rows, when `train.group_by_length` is on."""
-    return data.lengths if cfg.group_by_length else None
+    """The lengths to group batches by: generation rows (those with targets), when
+    `train.group_by_length` is on. Classification batches stay plain shuffles (each is still
+    trimmed of the padding none of its rows uses)."""
+    generation = "target_ids" in data.features
+    return data.lengths if cfg.group_by_length and generation else None
 
 
 @dataclass

@@ -57,13 +57,11 @@ class Classify(Task):
     ) -> RowScores:
         """Each row's cross-entropy and whether its arg-max class is its label."""
         losses, correct = np.zeros(len(rows)), np.zeros(len(rows), dtype=bool)
-        for start in range(0, len(rows), batch_size):
-            index = rows[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in data.batch(index).items()}
+        for at in data.length_batches(rows, batch_size):
+            batch = {k: v.to(device) for k, v in data.batch(rows[at]).items()}
             logits = model(batch)
-            span = slice(start, start + len(index))
-            losses[span] = F.cross_entropy(logits.float(), batch["labels"], reduction="none").cpu()
-            correct[span] = (logits.argmax(-1) == batch["labels"]).cpu().numpy()
+            losses[at] = F.cross_entropy(logits.float(), batch["labels"], reduction="none").cpu()
+            correct[at] = (logits.argmax(-1) == batch["labels"]).cpu().numpy()
         return {"loss": losses, "correct": correct}
 
     def summarize(self, scores: RowScores) -> dict[str, float]:

@@ -272,7 +272,7 @@ class Generate(Task):
         device: torch.device | None = None,
     ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         """`scoring_batches`, each with the positions in `rows` of its rows."""
-        for at in _by_length(rows, data, batch_size):
+        for at in data.length_batches(rows, batch_size):
             batch = data.batch(rows[at])
             yield at, batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
@@ -392,11 +392,3 @@ def continuation_batch(
         "attention_mask": mask.to(device),
         "target_ids": targets.to(device),
     }
-
-
-def _by_length(rows: np.ndarray, data: TensorData, batch_size: int) -> list[np.ndarray]:
-    """Batches of similar length (less padding to compute), in a fixed order, as positions in
-    `rows`."""
-    lengths = data.lengths[rows] if data.lengths is not None else np.zeros(len(rows))
-    order = np.argsort(lengths, kind="stable")
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
