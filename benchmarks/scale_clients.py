@@ -324,7 +324,8 @@ step (each example through its own client's LoRA or prompt tokens, and head), in
 {chr(10).join(batched_rows(out))}
 
 The final client evaluation scores the sampled clients' test rows in one pass (each client's
-metrics from its own rows' figures, batches filled across clients) instead of a forward per
+metrics from its own rows' figures; batches filled across clients, rows of similar length
+together, each batch trimmed of the padding none of its rows uses) instead of a forward per
 client; each client is still charged the model it is sent. Measured side by side (the table's
 settings and its sample of at most 100 clients, the untuned model, {EVAL_REPEATS} interleaved
 repeats, medians; the last column: the largest difference in any client's loss or accuracy
