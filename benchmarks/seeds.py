@@ -295,7 +295,7 @@ def client_dp(out: Path) -> tuple[list[str], float]:
     return lines, _seconds(runs)
 
 
-CLAIMS = [fedpeft, sfprompt, fedpft, client_dp]
+CLAIMS = [sfprompt, fedpft, client_dp, fedpeft]
 
 
 def run(out: Path) -> str:
