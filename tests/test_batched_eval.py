@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedft.federation.client import ClientRuntime
 from fedft.federation.engine import build_task, make_server
@@ -81,3 +82,18 @@ def test_a_joint_evaluation_charges_each_client_an_equal_share(tmp_path: Path):
     assert len({r.cost.seconds for r in replies}) == 1
     sent = messages[0].payload.tensor_bytes  # each client is still sent the model it scores
     assert sent > 0 and all(r.cost.bytes_down == sent and r.cost.bytes_up == 0 for r in replies)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_a_text_batch_trimmed_of_its_padding_scores_as_the_padded_one(tmp_path: Path, method):
+    task = build_task(tiny_config(tmp_path, method, **{"model.max_length": 32}))
+    task.model.eval()
+    data = task.data.train
+    rows = np.argsort(data.lengths)[:8]  # the shortest rows: most of their columns are padding
+    trimmed = data.batch(rows)
+    padded = {k: v[torch.as_tensor(rows)] for k, v in data.features.items()}
+    padded["labels"] = data.labels[torch.as_tensor(rows)]
+    assert trimmed["input_ids"].shape[1] == data.lengths[rows].max() < 32
+    assert padded["input_ids"].shape[1] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(task.model(trimmed), task.model(padded), rtol=1e-4, atol=1e-5)
