@@ -42,7 +42,9 @@ CASES = [
 def dp_task(tmp_path: Path, method: str, model: str = "tiny-bert", **sets) -> Task:
     if model == "tiny-vit":
         sets.setdefault("data.source", str(shared_dataset("optdigits")))
-    sets = {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, **sets}
+    # the task's own (random) head unless a case asks for another: `auto` would take the
+    # zero-shot head under sample-level DP
+    sets = {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "model.head": "task", **sets}
     return build_task(tiny_config(tmp_path, method, model=model, **sets))
 
 

@@ -67,3 +67,46 @@ def test_a_private_run_trains_the_zero_shot_head(tmp_path: Path):
 def test_a_causal_lm_is_refused_with_the_reason(tmp_path: Path):
     with pytest.raises(ModelError, match="scores its label words already"):
         build_task(tiny_llama_config(tmp_path, "lora", **ZERO_SHOT))
+
+
+SAMPLE_DP = {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("method", "sets", "head"),
+    [
+        ("lora", SAMPLE_DP, "zero_shot"),  # the DP recipe
+        ("bias", SAMPLE_DP, "zero_shot"),
+        ("lora", {}, "task"),  # no DP: the model's own head
+        ("lora", {"privacy.mode": "client", "privacy.noise_multiplier": 1.0}, "task"),
+        ("lora", {**SAMPLE_DP, "model.head": "task"}, "task"),  # asked for
+        ("zo", SAMPLE_DP, "task"),  # zo has a start of its own (`method.start`)
+    ],
+)
+def test_auto_head_is_zero_shot_under_sample_level_dp_and_recorded(tmp_path, method, sets, head):
+    task = build_task(tiny_config(tmp_path, method, **sets))
+    assert task.cfg.model.head == head  # config.yaml keeps what ran
+    zero_shot = isinstance(task.model.net, ZeroShotClassifier)
+    assert zero_shot == (head == "zero_shot" or method == "zo")
+
+
+def test_auto_head_leaves_a_causal_lm_its_label_words(tmp_path: Path):
+    task = build_task(tiny_llama_config(tmp_path, "lora", **SAMPLE_DP))
+    assert task.cfg.model.head == "task" and not isinstance(task.model.net, ZeroShotClassifier)
+
+
+@pytest.mark.parametrize(
+    ("method", "sets", "factor"),
+    [
+        ("lora", SAMPLE_DP, 5.0),  # AdamW under DP-SGD: the recipe's larger step
+        ("prompt", SAMPLE_DP, 5.0),
+        ("lora", {**SAMPLE_DP, "train.optimizer": "sgd"}, 1.0),
+        ("lora", {}, 1.0),
+        ("lora", {"privacy.mode": "client", "privacy.noise_multiplier": 1.0}, 1.0),
+    ],
+)
+def test_the_default_lr_under_dp_sgd_is_the_recipes(tmp_path: Path, method, sets, factor):
+    task = build_task(tiny_config(tmp_path, method, **sets))
+    assert task.method.lr(task.cfg) == pytest.approx(task.method.default_lr * factor)
+    given = build_task(tiny_config(tmp_path, method, **{**sets, "train.lr": 0.02}))
+    assert given.method.lr(given.cfg) == 0.02  # a given lr is used as given

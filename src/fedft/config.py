@@ -45,12 +45,12 @@ class ModelConfig(Section):
         le=4096,
         description="tokens per row (classification: the text; generation: prompt + response)",
     )
-    head: Literal["task", "zero_shot"] = Field(
-        "task",
+    head: Literal["auto", "task", "zero_shot"] = Field(
+        "auto",
         description="a text encoder's classifier: 'task' (its own, or a fresh one) or "
         "'zero_shot' (the mean-pooled sentence embedding's cosine to each label name's, one "
         "trainable vector per label: a meaningful start, and far fewer values to train, send "
-        "and noise under DP)",
+        "and noise under DP); 'auto': zero_shot under privacy.mode=sample, else task",
     )
 
 

@@ -68,6 +68,13 @@ def build_task(cfg: RunConfig) -> Task:
     )
     model.label_names = list(raw.label_names)
     check_fits(raw, model.preprocess.kind, cfg.model.name)
+    method = get_method(cfg.method.name)(cfg.method_options())
+    if cfg.model.head == "auto":  # resolved into the run's config, as it ran
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head": "task"})})
+        text_encoder = model.kind == "text" and not generate
+        if method.zero_shot_head_under_dp and cfg.privacy.mode == "sample" and text_encoder:
+            head = cfg.model.model_copy(update={"head": "zero_shot"})
+            cfg = cfg.model_copy(update={"model": head})
     if cfg.model.head == "zero_shot":
         if generate:
             raise ModelError(
@@ -77,7 +84,6 @@ def build_task(cfg: RunConfig) -> Task:
         make_zero_shot(model, ZERO_SHOT_TEMPLATE, ZERO_SHOT_SCALE)
     if generate:
         model.task = make_generate(cfg, raw, model.preprocess.tokenizer)
-    method = get_method(cfg.method.name)(cfg.method_options())
     server_rows = cfg.data.server_rows
     if server_rows is None:
         server_rows = method.server_rows_wanted()

@@ -51,6 +51,13 @@ class Method:
     summary: ClassVar[str] = ""
     options_model: ClassVar[type[BaseModel]] = NoOptions
     default_lr: ClassVar[float] = 1e-3
+    # `model.head=auto` takes the zero-shot head under sample-level DP for a text encoder (the
+    # DP recipe); a method with a start of its own (zo, fedpt) or its own model split keeps it
+    zero_shot_head_under_dp: ClassVar[bool] = True
+    # under sample-level DP-SGD with AdamW and no train.lr, the default lr times this (the DP recipe:
+    # AdamW's step is about lr a coordinate whatever the gradient, and DP's noise leaves the
+    # signal a fraction of it)
+    dp_lr_scale: ClassVar[float] = 5.0
     # the `privacy.mode`s the method implements; the default client and server give both
     privacy_modes: ClassVar[tuple[str, ...]] = ("sample", "client")
 
@@ -118,7 +125,10 @@ class Method:
         return self.trainable_names
 
     def lr(self, cfg: RunConfig) -> float:
-        return cfg.train.lr if cfg.train.lr is not None else self.default_lr
+        if cfg.train.lr is not None:
+            return cfg.train.lr
+        recipe = cfg.privacy.mode == "sample" and cfg.train.optimizer == "adamw"
+        return self.default_lr * (self.dp_lr_scale if recipe else 1.0)
 
     def choices(self) -> dict[str, Any]:
         """What the method's `auto` options resolved to for this run's model and privacy, once

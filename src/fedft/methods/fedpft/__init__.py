@@ -86,6 +86,7 @@ class FedPft(LoraAdapters):
     summary = "proxy fine-tuning: LoRA on a distilled sub-model with fewer FFN neurons"
     options_model = FedPftOptions
     default_lr = 1e-3
+    zero_shot_head_under_dp = False  # a start, or a model, of its own
 
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)

@@ -100,6 +100,7 @@ class FedPt(LoraAdapters):
     # zero-shot head has its per-example rule in privacy.dp_sgd). The server's alpha and its
     # distillation read only its own validation rows and public data.
     privacy_modes = ("sample", "client")
+    zero_shot_head_under_dp = False  # a start, or a model, of its own
 
     # rows of the training split the server keeps to choose α (data.server_rows overrides)
     validation_rows = 200

@@ -74,6 +74,7 @@ class SfPrompt(Method):
     # No DP: the server receives every example's head activations, which DP-SGD on the
     # parameters would not protect; split learning needs noise on the activations instead.
     privacy_modes = ()
+    zero_shot_head_under_dp = False  # a start, or a model, of its own
 
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)

@@ -162,6 +162,7 @@ class Zo(Method):
     summary = "forward-only: seeded SPSA on any parameter set; seeds + scalars on the wire"
     options_model = ZoOptions
     privacy_modes = ("sample",)
+    zero_shot_head_under_dp = False  # a start, or a model, of its own
 
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)
