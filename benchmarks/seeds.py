@@ -164,8 +164,9 @@ def fedpeft(out: Path) -> tuple[list[str], float]:
         f"all-MiniLM-L6-v2, {FEDPEFT['data.max_train_samples']:,} SST-2 rows IID over 10 "
         f"clients, 5 a round, {FEDPEFT['federation.rounds']} rounds of one local epoch at "
         f"batch {FEDPEFT['train.batch_size']} (the DP recipe: `model.head=zero_shot`, which "
-        f"starts every method at {_pct(start)}), each method's default lr; DP: sample-level, "
-        f"epsilon 8, delta 1e-5, C = 1 (noise multiplier {min(sigma):.2f}).",
+        f"starts every method at {_pct(start)}), AdamW at each method's default lr (under DP "
+        f"fedft's default: 5x that); DP: sample-level, epsilon 8, delta 1e-5, C = 1 (noise "
+        f"multiplier {min(sigma):.2f}).",
         "",
         *rows,
         "",
