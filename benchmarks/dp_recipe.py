@@ -145,6 +145,9 @@ The head and the lr are fedft's defaults under `privacy.mode=sample` (`model.hea
 
 {chr(10).join(verdicts)}
 
+Seconds a round are each run's wall clock beside whatever else the 2 cores ran: not a speed
+comparison.
+
 Why: the noise on the averaged gradient has std sigma·C/B per coordinate over every trained
 coordinate, the signal is at most C. At B = 16 and sigma ≈ 0.84 (epsilon 8) over LoRA's
 73,728 values and the head's 148,610, the noise's norm is about 24 C a step; at B = {RECIPE["train.batch_size"]} over
