@@ -161,6 +161,24 @@ def batched_speed(sets: dict[str, object]) -> dict[str, float]:
     }
 
 
+def kept_measure(path: Path, label: str, settings: list, call: str) -> dict | None:
+    """`call` of this module in a child process, kept in the JSON file `path` under `label` with
+    its settings and read back under FEDFT_BENCH_REUSE=1 while they match; None if it failed."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    key = json.dumps(settings, sort_keys=True)
+    if os.environ.get("FEDFT_BENCH_REUSE") == "1" and kept.get(label, {}).get("key") == key:
+        print(f"[bench] {label}: reusing", flush=True)
+        return kept[label]["got"]
+    try:
+        got = in_child("scale_clients", call)
+    except SystemExit as failed:
+        print(failed, flush=True)
+        return None
+    kept[label] = {"key": key, "got": got}
+    path.write_text(json.dumps(kept, indent=1))
+    return got
+
+
 EVAL_REPEATS = 3
 # populations whose clients hold about 30 and about 3 test rows; 100 clients are scored in both
 EVAL_CASES = [(method, clients) for clients in (100, 1_000) for method in ("prompt", "lora")]
@@ -213,22 +231,16 @@ def eval_rows(out: Path) -> list[str]:
         "rows | speedup | largest metric difference |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    path = out / "eval.json"
-    kept = json.loads(path.read_text()) if path.exists() else {}
-    reuse = os.environ.get("FEDFT_BENCH_REUSE") == "1"
     for method, population in EVAL_CASES:
-        label, key = f"{method}@{population}", json.dumps([BASE, EVAL_REPEATS], sort_keys=True)
-        if reuse and kept.get(label, {}).get("key") == key:
-            got = kept[label]["got"]
-        else:
-            try:
-                got = in_child("scale_clients", f"eval_speed({method!r}, {population})")
-            except SystemExit as failed:
-                print(failed, flush=True)
-                rows.append(f"| {method} | {population:,} | failed | | | | | |")
-                continue
-            kept[label] = {"key": key, "got": got}
-            path.write_text(json.dumps(kept, indent=1))
+        got = kept_measure(
+            out / "eval.json",
+            f"{method}@{population}",
+            [BASE, EVAL_REPEATS],
+            f"eval_speed({method!r}, {population})",
+        )
+        if got is None:
+            rows.append(f"| {method} | {population:,} | failed | | | | | |")
+            continue
         rows.append(
             f"| {method} | {population:,} | {got['clients']} | {got['rows']:,} | "
             f"{got['alone']:.1f} s | "
@@ -244,23 +256,16 @@ def batched_rows(out: Path) -> list[str]:
         f"| model | batch | sequential client-steps / s | {BATCH_K} clients a forward pass | speedup |",
         "|---|---|---|---|---|",
     ]
-    path = out / "batched.json"
-    kept = json.loads(path.read_text()) if path.exists() else {}
-    reuse = os.environ.get("FEDFT_BENCH_REUSE") == "1"
     for label, sets in BATCHED.items():
-        key = json.dumps([sets, BATCH_K, BATCH_STEPS, BATCH_REPEATS], sort_keys=True)
-        if reuse and kept.get(label, {}).get("key") == key:
-            got = kept[label]["got"]
-            print(f"[bench] batched {label}: reusing", flush=True)
-        else:
-            try:
-                got = in_child("scale_clients", f"batched_speed({sets!r})")
-            except SystemExit as failed:
-                print(failed, flush=True)
-                rows.append(f"| {label} | {sets['train.batch_size']} | failed | | |")
-                continue
-            kept[label] = {"key": key, "got": got}
-            path.write_text(json.dumps(kept, indent=1))
+        got = kept_measure(
+            out / "batched.json",
+            label,
+            [sets, BATCH_K, BATCH_STEPS, BATCH_REPEATS],
+            f"batched_speed({sets!r})",
+        )
+        if got is None:
+            rows.append(f"| {label} | {sets['train.batch_size']} | failed | | |")
+            continue
         rows.append(
             f"| {label} | {sets['train.batch_size']} | {got['sequential']:.2f} | "
             f"{got['batched']:.2f} | {got['batched'] / got['sequential']:.2f}x |"
