@@ -3,6 +3,7 @@ must be what it scores alone."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from fedft.federation.client import ClientRuntime
 from fedft.federation.engine import build_task, make_server
 from fedft.federation.grid import LocalGrid
 from fedft.federation.payload import Message, Payload
+from fedft.federation.training import read_state, train_locally, write_state
 
 from helpers import LABEL_WORDS, tiny_config, tiny_llama_config
 
@@ -97,3 +99,23 @@ def test_a_text_batch_trimmed_of_its_padding_scores_as_the_padded_one(tmp_path: 
     assert padded["input_ids"].shape[1] == 32
     with torch.no_grad():
         torch.testing.assert_close(task.model(trimmed), task.model(padded), rtol=1e-4, atol=1e-5)
+
+
+def test_training_on_trimmed_batches_ends_where_padded_batches_do(tmp_path: Path):
+    """Trimming changes no result but the dropout masks' draws: without dropout, the same
+    steps on padded and on trimmed batches end at the same weights."""
+    task = build_task(tiny_config(tmp_path, "lora", **{"model.max_length": 32}))
+    for module in task.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    names, rows = task.method.trainable_names, task.data.clients[0].train
+    assert task.data.train.lengths[rows].mean() < 24  # batches are mostly narrower than padded
+    start = read_state(task.model, names)
+    ends = []
+    for data in (task.data.train, dataclasses.replace(task.data.train, trim=False)):
+        write_state(task.model, start)
+        train_locally(task.model, names, data, rows, task.cfg.train, 1e-2, 0, task.device)
+        ends.append(read_state(task.model, names))
+    for name in names:
+        assert not torch.equal(ends[0][name], start[name])
+        torch.testing.assert_close(ends[0][name], ends[1][name], rtol=1e-4, atol=1e-6)
