@@ -14,7 +14,12 @@ from torch import nn
 from fedft.federation.client import ClientRuntime
 from fedft.federation.engine import build_task, run_federation
 from fedft.federation.grid import LocalGrid
-from fedft.federation.training import parameters_by_name, read_state, write_state
+from fedft.federation.training import (
+    derived_seed,
+    parameters_by_name,
+    read_state,
+    write_state,
+)
 from fedft.methods.prompt import PromptOptions, PromptTuning
 from fedft.methods.sfprompt import client as sf_client
 from fedft.methods.sfprompt.client import SplitClient
@@ -306,3 +311,29 @@ def test_a_client_holds_nothing_once_its_round_is_over(tmp_path: Path):
         assert all(r.ok for r in outcome.replies)
         assert {c: runtime.states[c] for c in (0, 2)} == {0: {}, 2: {}}
     assert any(k.startswith("optt.") for k in during[0])  # the tail's Adam moments, mid-round
+
+
+@pytest.mark.parametrize("keep", ["hardest", "easiest", "random"])
+def test_pruning_keeps_the_hardest_the_easiest_or_a_seeded_random_share(
+    tmp_path: Path, monkeypatch, keep: str
+):
+    asked, scored = [], []
+    prune, el2n = sf_client.keep_highest, sf_client.el2n_scores
+    monkeypatch.setattr(sf_client, "keep_highest", lambda *args: asked.append(args) or prune(*args))
+    monkeypatch.setattr(
+        sf_client, "el2n_scores", lambda *args: scored.append(el2n(*args)) or scored[-1]
+    )
+    cfg = sf_config(tmp_path, **{"method.keep_fraction": 0.5, "method.prune_keep": keep})
+    task = build_task(cfg)
+    server = task.method.make_server(cfg, read_state(task.model, task.method.trainable_names))
+    runtime = ClientRuntime(task.method, task.model, task.data, cfg, task.device)
+    server.run_round(1, LocalGrid(runtime, task.device), [1])
+    ((rows, scores, fraction, _),) = asked
+    assert fraction == 0.5 and len(rows) == len(task.data.clients[1].train)
+    if keep == "random":  # no scoring pass; the client's own seeded draw
+        assert not scored
+        seed = derived_seed(cfg.seed, 1, 1)
+        np.testing.assert_array_equal(scores, np.random.default_rng(seed).random(len(rows)))
+    else:  # EL2N as scored, the hardest first or the easiest first
+        (el2n_now,) = scored
+        np.testing.assert_array_equal(scores, el2n_now if keep == "hardest" else -el2n_now)

@@ -47,6 +47,12 @@ class SfPromptOptions(BaseModel):
         description="EL2N keeps keep_fraction of each label's rows, not of all rows (early on "
         "the hardest rows of a binary task are mostly one class)",
     )
+    prune_keep: Literal["hardest", "easiest", "random"] = Field(
+        "hardest",
+        description="which rows EL2N pruning keeps: the hardest (SFPrompt), the easiest (what "
+        "Sorscher et al. 2022 find better when data is scarce), or a seeded random share (the "
+        "control)",
+    )
     prune_warmup_rounds: int = Field(
         0,
         ge=0,

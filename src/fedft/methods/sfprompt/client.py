@@ -162,13 +162,18 @@ class SplitClient:
         return reply
 
     def prune(self, rows: np.ndarray) -> np.ndarray:
-        """The rows this round trains on: EL2N's highest share (overall or of each label), or
-        every row while pruning is off or still warming up."""
+        """The rows this round trains on: a share (overall or of each label) by EL2N, the
+        hardest or the easiest, or a seeded random one; every row while pruning is off or still
+        warming up."""
         ctx, o = self.ctx, self.options
         if o.keep_fraction >= 1 or ctx.round <= o.prune_warmup_rounds:
             return rows
-        size = ctx.cfg.train.batch_size * 4
-        scores = el2n_scores(self.model, ctx.data.train, rows, size, ctx.device)
+        if o.prune_keep == "random":
+            scores = np.random.default_rng(ctx.seed).random(len(rows))
+        else:
+            size = ctx.cfg.train.batch_size * 4
+            scores = el2n_scores(self.model, ctx.data.train, rows, size, ctx.device)
+            scores = scores if o.prune_keep == "hardest" else -scores
         labels = ctx.data.train.labels[rows].numpy() if o.prune_per_class else None
         return keep_highest(rows, scores, o.keep_fraction, labels)
 
