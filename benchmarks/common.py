@@ -55,8 +55,19 @@ def minilm_iid_setup(rows: int, rounds: int) -> dict[str, object]:
     }
 
 
+def _same_setting(recorded: object, value: object) -> bool:
+    """A recorded config value against a wanted one, compared as YAML reads them; a path under
+    ../shared/data by its place there (a record may come from another clone of the project)."""
+    import yaml
+
+    if isinstance(value, Path) and value.is_relative_to(SHARED):
+        return str(recorded).endswith("/shared/data/" + value.relative_to(SHARED).as_posix())
+    wanted = yaml.safe_load(str(value)) if value != "" else ""
+    return recorded == wanted or str(recorded) == str(value)
+
+
 def finished_with(run_dir: Path, sets: dict[str, object]) -> bool:
-    """A finished run whose config.yaml holds every one of `sets` (compared as YAML reads them)."""
+    """A finished run whose config.yaml holds every one of `sets`."""
     import yaml
 
     if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
@@ -66,23 +77,57 @@ def finished_with(run_dir: Path, sets: dict[str, object]) -> bool:
         node = tree
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        wanted = yaml.safe_load(str(value)) if value != "" else ""
-        if node != wanted and str(node) != str(value):
+        if not _same_setting(node, value):
             return False
     return True
 
 
-def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, list[dict]]:
+RECORDS = ROOT / "benchmarks" / "records"
+# what a record keeps of a run: enough to rebuild its rows, small enough to commit
+RECORD_FILES = ("config.yaml", "summary.json", "metrics.jsonl")
+PER_CLIENT_KEYS = ("per_client", "epsilon_per_client")
+
+
+def keep_record(run_dir: Path, record_dir: Path) -> None:
+    """Copy a finished run's config, summary and metrics (without the per-client entries, which
+    grow with the population) into `record_dir`, so that a section whose runs take longer than
+    one sitting can be finished later, and the tables can be traced to the runs that made them."""
+    record_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        lines.append(json.dumps({k: v for k, v in entry.items() if k not in PER_CLIENT_KEYS}))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["lr"] = run_lr(run_dir)
+    for key in PER_CLIENT_KEYS:
+        (summary.get("privacy") or {}).pop(key, None)
+    staged = {
+        "config.yaml": (run_dir / "config.yaml").read_text(),
+        "summary.json": json.dumps(summary, indent=1) + "\n",
+        "metrics.jsonl": "\n".join(lines) + "\n",
+    }
+    for file, text in staged.items():  # summary last: its presence marks a whole record
+        if file != "summary.json":
+            (record_dir / file).write_text(text)
+    (record_dir / "summary.json").write_text(staged["summary.json"])
+
+
+def run_job(
+    name: str, out_dir: Path, sets: dict[str, object], records: Path | None = None
+) -> tuple[dict, list[dict]]:
     """One `fedft run` in its own process (so memory is its own); returns summary and metrics.
     With FEDFT_BENCH_REUSE=1 a finished run of the same name and settings is read back instead
-    of run again (to finish an interrupted section; the table is the same either way)."""
+    of run again (to finish an interrupted section; the table is the same either way), from
+    `out_dir` or, where given, from the committed `records` folder, where each new run is kept."""
     run_dir = out_dir / name
-    if os.environ.get("FEDFT_BENCH_REUSE") == "1" and finished_with(run_dir, sets):
-        print(f"[bench] {name}: reusing the finished run in {run_dir}", flush=True)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        summary["lr"] = run_lr(run_dir)
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return summary, [json.loads(line) for line in lines]
+    reuse = os.environ.get("FEDFT_BENCH_REUSE") == "1"
+    for kept in (run_dir, *([records / name] if records else [])):
+        if reuse and finished_with(kept, sets):
+            print(f"[bench] {name}: reusing the finished run in {kept}", flush=True)
+            summary = json.loads((kept / "summary.json").read_text())
+            summary["lr"] = run_lr(kept)
+            lines = (kept / "metrics.jsonl").read_text().splitlines()
+            return summary, [json.loads(line) for line in lines]
     args = [
         sys.executable,
         "-m",
@@ -102,6 +147,8 @@ def run_job(name: str, out_dir: Path, sets: dict[str, object]) -> tuple[dict, li
     done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"[bench] {name} failed:\n{done.stderr[-2000:]}")
+    if records:
+        keep_record(run_dir, records / name)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["lr"] = run_lr(run_dir)  # older runs have none in summary.json
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -52,7 +52,7 @@ SECTIONS = {
     "lora-aggregation": lora_aggregation.run,
     "lora-aggregation-smollm2": lora_aggregation.run_smollm2,
     "secure-aggregation": secure_aggregation.run,
-    "seeds": seeds.run,
+    **seeds.sections(),
 }
 
 

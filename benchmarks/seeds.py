@@ -24,9 +24,10 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from common import SHARED, machine, minilm_iid_setup, run_job, write_section
+from common import RECORDS, SHARED, machine, minilm_iid_setup, run_job, write_section
 
 SEEDS = (0, 1, 2)
+KEPT = RECORDS / "seeds"  # every run's record, committed: the section outlasts one sitting
 Runs = dict[str, tuple[dict, list[dict]]]
 
 # --- FedPEFT ----------------------------------------------------------------------------------
@@ -129,7 +130,8 @@ def _slug(label: str) -> str:
 def _seeded(claim: str, label: str, out: Path, sets: dict[str, object]) -> list[tuple]:
     """The runs of one row, one per seed."""
     return [
-        run_job(f"{claim}-{_slug(label)}-s{seed}", out, {**sets, "seed": seed}) for seed in SEEDS
+        run_job(f"{claim}-{_slug(label)}-s{seed}", out, {**sets, "seed": seed}, KEPT)
+        for seed in SEEDS
     ]
 
 
@@ -233,6 +235,7 @@ def sfprompt(out: Path) -> tuple[list[str], float]:
                 f"sfprompt-{folder}-{_slug(label)}-flops",
                 out,
                 {**SFPROMPT, **data, **sets, **FLOPS, "seed": 0},
+                KEPT,
             )[1][-1]["client_flops_mean"]
             for label, sets in SFPROMPT_RUNS.items()
         }
@@ -335,21 +338,19 @@ def client_dp(out: Path) -> tuple[list[str], float]:
     return lines, _seconds(runs)
 
 
-CLAIMS = [sfprompt, fedpft, client_dp, fedpeft]
+CLAIMS = {"sfprompt": sfprompt, "fedpft": fedpft, "client-dp": client_dp, "fedpeft": fedpeft}
 
 
-def run(out: Path) -> str:
+def run_claim(name: str, out: Path) -> str:
+    """One claim's runs and its own section (`seeds-<name>`), so that each claim lands in the
+    docs as soon as its runs are done, whatever the others' state."""
     for folder in ("sst2", "ag_news"):
         if not (SHARED / folder).is_dir():
             raise SystemExit(f"benchmarks need ../shared/data/{folder} beside the project")
-    parts, total = [], 0.0
-    for claim in CLAIMS:
-        lines, seconds = claim(out)
-        parts += [*lines, "", f"({len(SEEDS)} seeds, {seconds / 60:.0f} min of runs.)", ""]
-        total += seconds
+    lines, seconds = CLAIMS[name](out)
     body = "\n".join(
         [
-            "## The seeds' claims",
+            lines[0].replace("### ", "## The seeds' claims: "),
             "",
             f"Machine: {machine()}.",
             "",
@@ -357,11 +358,25 @@ def run(out: Path) -> str:
             "the data subset, the partition, the adapters' start and the client sample); test "
             "accuracy on each set's whole test file at the end. A verdict holds where the means "
             "meet the claim's numbers.",
+            *lines[1:],
             "",
-            *parts,
-            f"All runs: {total / 3600:.1f} hours on this machine. Regenerate with "
-            "`python benchmarks/run.py seeds` (FEDFT_BENCH_REUSE=1 reads finished runs back).",
+            f"{len(SEEDS)} seeds, {seconds / 60:.0f} min of runs on this machine. Regenerate with "
+            f"`python benchmarks/run.py seeds-{name}` (`seeds` runs every claim; "
+            "FEDFT_BENCH_REUSE=1 reads finished runs back).",
         ]
     )
-    write_section("seeds", body)
+    write_section(f"seeds-{name}", body)
     return body
+
+
+def sections() -> dict[str, Callable[[Path], str]]:
+    """`seeds-<claim>` for each claim, and `seeds` for all of them (cheapest first), all in one
+    runs folder so that either reads the other's finished runs back."""
+
+    def one(name: str) -> Callable[[Path], str]:
+        return lambda out: run_claim(name, out.parent / "seeds")
+
+    def every(out: Path) -> str:
+        return "\n\n".join(run_claim(name, out) for name in CLAIMS)
+
+    return {"seeds": every, **{f"seeds-{name}": one(name) for name in CLAIMS}}
