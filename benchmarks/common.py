@@ -83,15 +83,13 @@ def finished_with(run_dir: Path, sets: dict[str, object]) -> bool:
 
 
 RECORDS = ROOT / "benchmarks" / "records"
-# what a record keeps of a run: enough to rebuild its rows, small enough to commit
-RECORD_FILES = ("config.yaml", "summary.json", "metrics.jsonl")
-PER_CLIENT_KEYS = ("per_client", "epsilon_per_client")
+PER_CLIENT_KEYS = ("per_client", "epsilon_per_client")  # left out of a record: grow with clients
 
 
 def keep_record(run_dir: Path, record_dir: Path) -> None:
-    """Copy a finished run's config, summary and metrics (without the per-client entries, which
-    grow with the population) into `record_dir`, so that a section whose runs take longer than
-    one sitting can be finished later, and the tables can be traced to the runs that made them."""
+    """Copy a finished run's config, summary and metrics (without the per-client entries) into
+    `record_dir`: small enough to commit, so that a section whose runs take longer than one
+    sitting can be finished later, and each table can be traced to the runs that made it."""
     record_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -101,15 +99,10 @@ def keep_record(run_dir: Path, record_dir: Path) -> None:
     summary["lr"] = run_lr(run_dir)
     for key in PER_CLIENT_KEYS:
         (summary.get("privacy") or {}).pop(key, None)
-    staged = {
-        "config.yaml": (run_dir / "config.yaml").read_text(),
-        "summary.json": json.dumps(summary, indent=1) + "\n",
-        "metrics.jsonl": "\n".join(lines) + "\n",
-    }
-    for file, text in staged.items():  # summary last: its presence marks a whole record
-        if file != "summary.json":
-            (record_dir / file).write_text(text)
-    (record_dir / "summary.json").write_text(staged["summary.json"])
+    (record_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (record_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    # last: a summary marks a whole record
+    (record_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def run_job(
