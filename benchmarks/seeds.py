@@ -398,8 +398,8 @@ def run_claim(name: str, out: Path) -> str:
 
 
 def sections() -> dict[str, Callable[[Path], str]]:
-    """`seeds-<claim>` for each claim, and `seeds` for all of them (cheapest first), all in one
-    runs folder so that either reads the other's finished runs back."""
+    """`seeds-<claim>` for each claim, and `seeds` for all of them (FedPEFT, the longest, last),
+    in one runs folder so that either reads the other's finished runs back."""
 
     def one(name: str) -> Callable[[Path], str]:
         return lambda out: run_claim(name, out.parent / "seeds")
