@@ -1,11 +1,12 @@
 """The seeds' claims, reproduced side by side with several seeds.
 
-Each seed paper makes one claim a user tests first; this section runs each comparison with
-`SEEDS` (the run seed draws the data subset, the partition, the initial adapters and the client
-sample), reports mean ± std, and gives a verdict per claim from the numbers: reproduced, not
-reproduced, or mixed. Sizes are chosen to fit a few hours on a 2-core CPU; each run is kept
-(`runs/bench/seeds/`) and read back under FEDFT_BENCH_REUSE=1, so an interrupted section goes on
-where it stopped.
+Each seed paper makes one claim a user tests first; each claim's section (`seeds-<claim>`) runs
+its comparison with `SEEDS` (the run seed draws the data subset, the partition, the initial
+adapters and the client sample), reports mean ± std, and gives a verdict from the numbers:
+reproduced, not reproduced, or mixed. Sizes are chosen to fit a few hours on a 2-core CPU. Each
+run's record (config, summary, metrics) is kept in `benchmarks/records/seeds/` and committed,
+and FEDFT_BENCH_REUSE=1 reads it back, so the section can be finished over several sittings and
+each table traced to its runs.
 
 - FedPEFT: bias, adapter, prompt and lora within 2 points of full fine-tuning at under 1% of its
   bytes; under sample-level DP (epsilon 8) each within 8 points of its own non-DP accuracy, and
