@@ -30,7 +30,6 @@ from common import RECORDS, SHARED, machine, minilm_iid_setup, run_job, write_se
 
 SEEDS = (0, 1, 2)
 KEPT = RECORDS / "seeds"  # every run's record, committed: the section outlasts one sitting
-Runs = dict[str, tuple[dict, list[dict]]]
 
 # --- FedPEFT ----------------------------------------------------------------------------------
 FEDPEFT_METHODS = ["full", "bias", "adapter", "prompt", "lora"]
