@@ -186,8 +186,9 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_completes(tmp_path: 
         sets = {
             **BASE,
             "federation.rounds": 2,  # round 2 waits reply_timeout for the killed node
-            # round 1 starts each node's warm worker (torch, the model, the data): beside the
-            # other tests in parallel that took over 20 s once, and the run stopped in round 1
+            # each node's warm worker (torch, the model, the data) starts at the hello exchange
+            # and may still be loading in round 1: beside the other tests in parallel that took
+            # over 20 s once, and the run stopped in round 1
             "federation.reply_timeout": 45,
             "method.name": "bias",
             "name": "killed",

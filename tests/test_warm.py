@@ -67,3 +67,21 @@ def test_one_warm_worker_serves_its_source_and_answers_as_in_process(tmp_path: P
         assert os.waitpid(pid, 0) == (pid, 0)
     finally:
         warm.stop_workers(tmp_path / "warm")
+
+
+def test_prestart_starts_one_worker_that_the_first_message_then_uses(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("FEDFT_WARM_DIR", str(tmp_path / "warm"))
+    run_config = {"fedft-set": SETS}
+    node = {"partition-id": 0, "num-partitions": 2, "fedft-warm-idle": 30}
+    files = warm.worker_files(warm.runtime_key(run_config, node))
+    try:
+        warm.prestart(run_config, node)  # returns before the worker has loaded anything
+        pid = int(files["pid"].read_text())
+        warm.prestart(run_config, {**node, "partition-id": 1})  # the same source: no second one
+        assert int(files["pid"].read_text()) == pid
+        assert len(list((tmp_path / "warm").glob("*.pid"))) == 1
+        local = warm.build_runtime(run_config, node)
+        answer = warm.call(run_config, node, request(local, 0))
+        assert answer["ok"] and int(files["pid"].read_text()) == pid  # served by the prestarted one
+    finally:
+        warm.stop_workers(tmp_path / "warm")

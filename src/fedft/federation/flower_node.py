@@ -123,6 +123,8 @@ def _answer(content: RecordDict, context: Context) -> RecordDict:
     meta = dict(content["meta"])
     client = node_client(context)
     if meta["kind"] == "hello":
+        if warm_enabled(context):
+            warm.prestart(dict(context.run_config), dict(context.node_config))
         return RecordDict({"meta": ConfigRecord({"client": client})})
     if not warm_enabled(context):
         from fedft.federation.flower import answer_in_process

@@ -6,9 +6,9 @@ after its reply (`flwr.supernode.runtime.run_clientapp`), so nothing loaded in i
 message: each one imported torch and transformers, read the model and tokenized the data again
 (337 s for a job the local engine runs in 55 s). Here the ClientApp process stays light (flwr,
 numpy and this module) and forwards the message to a worker process over a Unix socket in a
-folder only this user can read; the first message of a source starts the worker, which builds the
-runtime once and serves every later message of that source until it has been idle for
-`fedft-warm-idle` seconds. Client state still lives in Flower's `context.state`: it travels with
+folder only this user can read; the hello exchange (or else the first message) of a source starts
+the worker, which builds the runtime once and serves every later message of that source until it
+has been idle for `fedft-warm-idle` seconds. Client state still lives in Flower's `context.state`: it travels with
 each request and comes back with the reply, exactly as the in-process path reads and writes it.
 
 This module does not import `flwr` (the ClientApp side converts records to numpy arrays), nor
@@ -102,6 +102,14 @@ def call(
     if not answer["ok"]:
         raise RuntimeError(answer["error"])
     return answer
+
+
+def prestart(run_config: dict[str, Any], node_config: dict[str, Any]) -> None:
+    """Start this source's worker, if none is up, without waiting for it. The hello exchange
+    calls it, so that the worker loads its model and data while the server loads its own (and
+    evaluates the start), not only inside round 1's reply timeout (a worker's first start took
+    over 20 s beside other jobs)."""
+    _start_worker(worker_files(runtime_key(run_config, node_config)), run_config, node_config)
 
 
 def _try(files: dict[str, Path], request: Request) -> Request | None:
