@@ -172,24 +172,27 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
     dp_acc = {m: _stat(private[m], _accuracy) for m in FEDPEFT_METHODS}
     start = _stat(plain["lora"], lambda s, _: float(s["initial"]["test_accuracy"]))
     sent = {m: statistics.mean(s["total_bytes"] for s, _ in plain[m]) for m in FEDPEFT_METHODS}
+    trained = {m: plain[m][0][1][0]["trainable_params"] for m in FEDPEFT_METHODS}
+    sigma = statistics.mean(s["privacy"]["noise_multiplier_max"] for s, _ in private["lora"])
+    batch = FEDPEFT["train.batch_size"]
     rows = [
-        "| method | accuracy | vs full | MB sent | share of full | accuracy at eps 8 | "
-        "drop under DP |",
-        "|---|---|---|---|---|---|---|",
+        "| method | trained values | lr | accuracy | vs full | MB sent | share of full | "
+        "lr under DP | accuracy at eps 8 | drop under DP | noise norm / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in FEDPEFT_METHODS:
         drop = acc[m][0] - dp_acc[m][0]
         rows.append(
-            f"| {m} | {_pct(acc[m])} | {100 * (acc[m][0] - acc['full'][0]):+.1f} | "
-            f"{sent[m] / 1e6:.1f} | {100 * sent[m] / sent['full']:.2f}% | {_pct(dp_acc[m])} | "
-            f"{100 * drop:.1f} |"
+            f"| {m} | {trained[m]:,} | {plain[m][0][0]['lr']:g} | {_pct(acc[m])} | "
+            f"{100 * (acc[m][0] - acc['full'][0]):+.1f} | {sent[m] / 1e6:.1f} | "
+            f"{100 * sent[m] / sent['full']:.2f}% | {private[m][0][0]['lr']:g} | "
+            f"{_pct(dp_acc[m])} | {100 * drop:.1f} | {sigma * math.sqrt(trained[m]) / batch:.1f} C |"
         )
     peft = [m for m in FEDPEFT_METHODS if m != "full"]
     close = [acc["full"][0] - acc[m][0] <= 0.02 and sent[m] < 0.01 * sent["full"] for m in peft]
     kept = [acc[m][0] - dp_acc[m][0] <= 0.08 for m in peft]
     full_drop = acc["full"][0] - dp_acc["full"][0]
     most = [full_drop > acc[m][0] - dp_acc[m][0] for m in peft]
-    sigma = [s["privacy"]["noise_multiplier_max"] for s, _ in private["lora"]]
     lines = [
         "### FedPEFT: PEFT matches full fine-tuning at a fraction of the bytes, and suffers less "
         "under DP",
@@ -199,7 +202,7 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
         f"batch {FEDPEFT['train.batch_size']} (the DP recipe: `model.head=zero_shot`, which "
         f"starts every method at {_pct(start)}), AdamW at each method's default lr (under DP "
         f"fedft's default: 5x that); DP: sample-level, epsilon 8, delta 1e-5, C = 1 (noise "
-        f"multiplier {min(sigma):.2f}).",
+        f"multiplier {sigma:.2f}).",
         "",
         *rows,
         "",
@@ -210,6 +213,10 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
         + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in zip(peft, kept, strict=True))
         + ").",
         f"- Full fine-tuning drops most under DP ({100 * full_drop:.1f} points): {_verdict(most)}.",
+        "",
+        "Noise norm / step: the Gaussian noise on one step's mean gradient, sigma C sqrt(d) / B "
+        f"over the d trained values at the expected batch B = {batch}, against a clipped signal of "
+        "at most C: what DP costs a method grows with the square root of what it trains.",
     ]
     runs = [r for group in (*plain.values(), *private.values()) for r in group]
     return lines, _seconds(runs)
