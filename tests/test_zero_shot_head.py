@@ -22,7 +22,7 @@ from helpers import tiny_config, tiny_llama_config
 ZERO_SHOT = {"model.head": "zero_shot"}
 
 
-@pytest.mark.parametrize("method", ["lora", "head", "bias", "full"])
+@pytest.mark.parametrize("method", ["lora", "head", "bias", "full", "adapter", "prompt"])
 def test_every_method_starts_from_the_label_names(tmp_path: Path, method: str):
     task = build_task(tiny_config(tmp_path, method, **ZERO_SHOT))
     net = task.model.net
@@ -41,6 +41,41 @@ def test_every_method_starts_from_the_label_names(tmp_path: Path, method: str):
     torch.testing.assert_close(
         net.classifier.weight[1], mean_pool(hidden, enc["attention_mask"])[0], rtol=1e-4, atol=1e-5
     )
+
+
+def test_prompt_tokens_are_pooled_with_the_text_by_the_zero_shot_head(tmp_path: Path):
+    task = build_task(tiny_config(tmp_path, "prompt", **ZERO_SHOT))
+    model, net = task.model, task.model.net
+    enc = model.preprocess.tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch)
+        # by hand: the prompt tokens after [CLS], then mean pooling over text and prompt alike
+        n = model.prompt[0].tokens.shape[0]
+        text = net.get_input_embeddings()(enc["input_ids"])
+        tokens = model.prompt[0].tokens.expand(2, -1, -1)
+        embeds = torch.cat([text[:, :1], tokens, text[:, 1:]], dim=1)
+        mask = torch.cat(
+            [
+                enc["attention_mask"][:, :1],
+                torch.ones(2, n, dtype=torch.long),
+                enc["attention_mask"][:, 1:],
+            ],
+            dim=1,
+        )
+        hidden = net.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        expected = net.classifier(mean_pool(hidden, mask))
+    torch.testing.assert_close(logits, expected)
+    start = model.prompt[0].tokens.detach().clone()
+    run_dir, lock = rundir.new_run_dir(task.cfg, overwrite=False)
+    try:
+        summary = run_federation(task, run_dir)  # trains and evaluates through the same path
+    finally:
+        lock.release()
+    tensors, _ = rundir.load_checkpoint(run_dir)
+    tokens = next(v for k, v in tensors.items() if k.endswith("prompt.0.tokens"))
+    assert not torch.allclose(tokens, start) and np.isfinite(summary["final_loss"])
 
 
 def test_a_private_run_trains_the_zero_shot_head(tmp_path: Path):

@@ -34,7 +34,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ZeroShotClassifier(nn.Module):
-    """encoder -> mean pooling -> cosine head; `forward(input_ids, attention_mask).logits`."""
+    """encoder -> mean pooling -> cosine head; `forward(input_ids, attention_mask).logits`, or
+    `inputs_embeds` in place of the ids (prompt tuning's tokens, pooled with the text's)."""
 
     def __init__(self, encoder: nn.Module, head: CosineHead):
         super().__init__()
@@ -42,16 +43,19 @@ class ZeroShotClassifier(nn.Module):
         self.classifier = head  # "classifier": every method trains it as the task head
         self.config = encoder.config
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mean_pool(hidden, attention_mask)
-
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **_: Any,
     ) -> SequenceClassifierOutput:
-        return SequenceClassifierOutput(
-            logits=self.classifier(self.embed(input_ids, attention_mask))
-        )
+        hidden = self.encoder(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        ).last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return SequenceClassifierOutput(logits=self.classifier(mean_pool(hidden, attention_mask)))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.get_input_embeddings()
