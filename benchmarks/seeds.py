@@ -168,6 +168,10 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
     private = {m: _seeded("fedpeft", f"{m}-dp8", out,
                           {**FEDPEFT, **FEDPEFT_DP, **data, "method.name": m})
                for m in FEDPEFT_METHODS}  # fmt: skip
+    # bias at its default for a head learned from scratch: why it has a zero-shot lr of its own
+    bias_at_5e3 = _seeded(
+        "fedpeft", "bias-lr5e-3", out, {**FEDPEFT, **data, "method.name": "bias", "train.lr": 5e-3}
+    )
     acc = {m: _stat(plain[m], _accuracy) for m in FEDPEFT_METHODS}
     dp_acc = {m: _stat(private[m], _accuracy) for m in FEDPEFT_METHODS}
     start = _stat(plain["lora"], lambda s, _: float(s["initial"]["test_accuracy"]))
@@ -213,12 +217,15 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
         + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in zip(peft, kept, strict=True))
         + ").",
         f"- Full fine-tuning drops most under DP ({100 * full_drop:.1f} points): {_verdict(most)}.",
+        f"- `bias` at 5e-3, its default where the head is learned from scratch: "
+        f"{_pct(_stat(bias_at_5e3, _accuracy))}, below its zero-shot start; with this head fedft "
+        f"steps it at {plain['bias'][0][0]['lr']:g} (`zero_shot_lr`).",
         "",
         "Noise norm / step: the Gaussian noise on one step's mean gradient, sigma C sqrt(d) / B "
         f"over the d trained values at the expected batch B = {batch}, against a clipped signal of "
         "at most C: what DP costs a method grows with the square root of what it trains.",
     ]
-    runs = [r for group in (*plain.values(), *private.values()) for r in group]
+    runs = [r for group in (*plain.values(), *private.values(), bias_at_5e3) for r in group]
     return lines, _seconds(runs)
 
 

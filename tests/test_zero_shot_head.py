@@ -145,3 +145,19 @@ def test_the_default_lr_under_dp_sgd_is_the_recipes(tmp_path: Path, method, sets
     assert task.method.lr(task.cfg) == pytest.approx(task.method.default_lr * factor)
     given = build_task(tiny_config(tmp_path, method, **{**sets, "train.lr": 0.02}))
     assert given.method.lr(given.cfg) == 0.02  # a given lr is used as given
+
+
+@pytest.mark.parametrize(
+    ("sets", "lr"),
+    [
+        ({}, 5e-3),  # a random head to learn: bias's own default
+        (ZERO_SHOT, 1e-3),  # a cosine head from the label names: the smaller step
+        (SAMPLE_DP, 5 * 1e-3),  # auto head under DP-SGD is zero-shot, times the recipe's 5
+        ({**SAMPLE_DP, "model.head": "task"}, 5 * 5e-3),
+    ],
+)
+def test_bias_takes_its_zero_shot_lr_where_the_head_starts_from_the_label_names(
+    tmp_path: Path, sets, lr
+):
+    task = build_task(tiny_config(tmp_path, "bias", **sets))
+    assert task.method.lr(task.cfg) == pytest.approx(lr)

@@ -51,6 +51,9 @@ class Method:
     summary: ClassVar[str] = ""
     options_model: ClassVar[type[BaseModel]] = NoOptions
     default_lr: ClassVar[float] = 1e-3
+    # the default lr where the head starts from the label names (`model.head=zero_shot`), for a
+    # method whose default is sized to learn a random head and moves a cosine head too far
+    zero_shot_lr: ClassVar[float | None] = None
     # `model.head=auto` takes the zero-shot head under sample-level DP for a text encoder (the
     # DP recipe); a method with a start of its own (zo, fedpt) or its own model split keeps it
     zero_shot_head_under_dp: ClassVar[bool] = True
@@ -127,8 +130,10 @@ class Method:
     def lr(self, cfg: RunConfig) -> float:
         if cfg.train.lr is not None:
             return cfg.train.lr
+        zero_shot = cfg.model.head == "zero_shot" and self.zero_shot_lr is not None
+        base = self.zero_shot_lr if zero_shot else self.default_lr
         recipe = cfg.privacy.mode == "sample" and cfg.train.optimizer == "adamw"
-        return self.default_lr * (self.dp_lr_scale if recipe else 1.0)
+        return base * (self.dp_lr_scale if recipe else 1.0)
 
     def choices(self) -> dict[str, Any]:
         """What the method's `auto` options resolved to for this run's model and privacy, once
