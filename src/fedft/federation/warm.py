@@ -8,8 +8,9 @@ message: each one imported torch and transformers, read the model and tokenized 
 numpy and this module) and forwards the message to a worker process over a Unix socket in a
 folder only this user can read; the hello exchange (or else the first message) of a source starts
 the worker, which builds the runtime once and serves every later message of that source until it
-has been idle for `fedft-warm-idle` seconds. Client state still lives in Flower's `context.state`: it travels with
-each request and comes back with the reply, exactly as the in-process path reads and writes it.
+has been idle for `fedft-warm-idle` seconds. Client state still lives in Flower's `context.state`:
+it travels with each request and comes back with the reply, exactly as the in-process path reads
+and writes it.
 
 This module does not import `flwr` (the ClientApp side converts records to numpy arrays), nor
 torch until a worker starts serving.
