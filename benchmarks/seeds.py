@@ -151,6 +151,10 @@ def _accuracy(summary: dict, _lines: list[dict]) -> float:
     return float(summary["final_accuracy"])
 
 
+def _initial(summary: dict, _lines: list[dict]) -> float:
+    return float(summary["initial"]["test_accuracy"])
+
+
 def _seconds(runs: list[tuple]) -> list[float]:
     return [summary.get("run_seconds", summary["seconds"]) for summary, _ in runs]
 
@@ -174,7 +178,8 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
     )
     acc = {m: _stat(plain[m], _accuracy) for m in FEDPEFT_METHODS}
     dp_acc = {m: _stat(private[m], _accuracy) for m in FEDPEFT_METHODS}
-    start = _stat(plain["lora"], lambda s, _: float(s["initial"]["test_accuracy"]))
+    start, prompt_start = _stat(plain["lora"], _initial), _stat(plain["prompt"], _initial)
+    bias_5e3 = _stat(bias_at_5e3, _accuracy)
     sent = {m: statistics.mean(s["total_bytes"] for s, _ in plain[m]) for m in FEDPEFT_METHODS}
     trained = {m: plain[m][0][1][0]["trainable_params"] for m in FEDPEFT_METHODS}
     sigma = statistics.mean(s["privacy"]["noise_multiplier_max"] for s, _ in private["lora"])
@@ -204,7 +209,8 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
         f"all-MiniLM-L6-v2, {FEDPEFT['data.max_train_samples']:,} SST-2 rows IID over 10 "
         f"clients, 5 a round, {FEDPEFT['federation.rounds']} rounds of one local epoch at "
         f"batch {FEDPEFT['train.batch_size']} (the DP recipe: `model.head=zero_shot`, which "
-        f"starts every method at {_pct(start)}), AdamW at each method's default lr (under DP "
+        f"starts every method at {_pct(start)} but `prompt`, whose random tokens enter the "
+        f"pooled mean: {_pct(prompt_start)}), AdamW at each method's default lr (under DP "
         f"fedft's default: 5x that); DP: sample-level, epsilon 8, delta 1e-5, C = 1 (noise "
         f"multiplier {sigma:.2f}).",
         "",
@@ -218,7 +224,8 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
         + ").",
         f"- Full fine-tuning drops most under DP ({100 * full_drop:.1f} points): {_verdict(most)}.",
         f"- `bias` at 5e-3, its default where the head is learned from scratch: "
-        f"{_pct(_stat(bias_at_5e3, _accuracy))}, below its zero-shot start; with this head fedft "
+        f"{_pct(bias_5e3)}, {'below' if bias_5e3[0] < start[0] else 'above'} its zero-shot "
+        f"start; with this head fedft "
         f"steps it at {plain['bias'][0][0]['lr']:g} (`zero_shot_lr`).",
         "",
         "Noise norm / step: the Gaussian noise on one step's mean gradient, sigma C sqrt(d) / B "
@@ -373,7 +380,7 @@ def client_dp(out: Path) -> tuple[list[str], list[float]]:
     sets = {**CLIENT_DP, "data.source": SHARED / "sst2"}
     runs = _seeded("client-dp", "head-eps8", out, sets)
     acc = _stat(runs, _accuracy)
-    start = _stat(runs, lambda s, _: float(s["initial"]["test_accuracy"]))
+    start = _stat(runs, _initial)
     sigma = statistics.mean(s["privacy"]["noise_multiplier_max"] for s, _ in runs)
     spent = statistics.mean(s["privacy"]["epsilon_max"] for s, _ in runs)
     clients, per_round = CLIENT_DP["federation.clients"], CLIENT_DP["federation.sample_count"]
