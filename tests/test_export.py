@@ -118,8 +118,23 @@ def test_generative_exports_score_the_runs_final_loss(tmp_path: Path, method: st
         ("zo", "zero-shot", {}),  # zo's default start on an encoder: the zero-shot head
         ("zo", "zero-shot", {"method.params": "lora"}),
         ("lora", "zero-shot", {"model.head": "zero_shot"}),
+        # the DP default head (model.head=auto under privacy.mode=sample) with modules no
+        # library has: the modeling file adds them under the cosine head
+        ("prompt", "zero-shot", {"model.head": "zero_shot", "method.num_tokens": 4}),
+        ("adapter", "zero-shot", {"model.head": "zero_shot", "method.r": 4}),
+        ("adapter", "remote-code", {"method.r": 4}),
     ],
-    ids=["lora", "prompt", "lora-exact", "zo-zero-shot", "zo-lora-zero-shot", "lora-zero-shot"],
+    ids=[
+        "lora",
+        "prompt",
+        "lora-exact",
+        "zo-zero-shot",
+        "zo-lora-zero-shot",
+        "lora-zero-shot",
+        "prompt-zero-shot",
+        "adapter-zero-shot",
+        "adapter",
+    ],
 )
 def test_classifier_exports_score_the_runs_final_loss_and_accuracy(
     tmp_path: Path, method: str, kind: str, options: dict

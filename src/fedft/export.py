@@ -17,8 +17,9 @@ it in the form the Hugging Face stack loads without fedft:
 - **Modules no library has** (`adapter`'s bottlenecks; a classifier's prompts after [CLS]): the
   merged model with a small modeling file beside it that adds them,
   `AutoModelFor...from_pretrained(OUT, trust_remote_code=True)`.
-- **A zero-shot head** (`zo`'s default start on a text encoder, `model.head=zero_shot`): the
-  merged encoder (LoRA folded in) with a modeling file for mean pooling and the cosine head,
+- **A zero-shot head** (`zo`'s default start on a text encoder, `model.head=zero_shot`, the
+  default under sample-level DP): the merged encoder (LoRA folded in) with a modeling file for
+  mean pooling and the cosine head, and for the prompts or adapters the run trained,
   `AutoModelForSequenceClassification.from_pretrained(OUT, trust_remote_code=True)`.
 
 An adapter's base is the run's model where a name or folder loads it (the converted SmolLM2 in
@@ -104,11 +105,6 @@ def load_run(run_dir: Path) -> LoadedRun:
 def export_kind(task: Task) -> str:
     names = task.method.trainable_names
     if isinstance(task.model.net, ZeroShotClassifier):
-        if any(n.startswith("prompt.") or ".adapter." in n for n in names):
-            raise FedftError(
-                "export: a zero-shot head with prompts or adapters has no exported form yet; "
-                "the run's checkpoint holds what it trained"
-            )
         return "zero-shot"
     if getattr(task.method.options, "aggregation", "mean") == "exact":
         return "merged"  # a dense residual beside each LoRA weight: no peft adapter holds it
@@ -315,13 +311,14 @@ def _merged_lora_weights(model: TaskModel) -> dict[str, torch.Tensor]:
     return out
 
 
-REMOTE_CODE = '''"""Written by `fedft export`: {base_class} with the modules fedft trained that no library
-has (bottleneck adapters after each block's feed-forward output; soft prompt tokens). Load with
+MODULES_CODE = '''"""Written by `fedft export`: {base_class} with {what}. Load with
 {auto}.from_pretrained(folder, trust_remote_code=True)."""
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class Bottleneck(nn.Module):
@@ -335,37 +332,80 @@ class Bottleneck(nn.Module):
         return hidden + self.up(self.act(self.down(hidden)))
 
 
+def add_fedft_modules(model, spec):
+    """Bottleneck adapters after each block's feed-forward output; soft prompt tokens."""
+    model.fedft_after = spec.get("prompt_after", 1)
+    model.fedft_prompt = None
+    if spec.get("prompt_tokens"):
+        model.fedft_prompt = nn.Parameter(torch.zeros(spec["prompt_tokens"], spec["dim"]))
+    if spec.get("adapter_r"):
+        for block in model.get_submodule(spec["blocks"]):
+            adapter = Bottleneck(spec["dim"], spec["adapter_r"])
+            block.add_module("adapter", adapter)
+            block.get_submodule(spec["projection"]).register_forward_hook(
+                lambda _m, _i, out, adapter=adapter: adapter(out)
+            )
+
+
+def with_prompt(model, input_ids, attention_mask, inputs_embeds):
+    """The prompt tokens after the first `fedft_after` positions; the mask grows to match."""
+    if model.fedft_prompt is None or (input_ids is None and inputs_embeds is None):
+        return input_ids, attention_mask, inputs_embeds
+    embeds = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
+    a, n = model.fedft_after, model.fedft_prompt.shape[0]
+    prompt = model.fedft_prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1).to(embeds.dtype)
+    inputs_embeds = torch.cat([embeds[:, :a], prompt, embeds[:, a:]], dim=1)
+    if attention_mask is not None:
+        ones = attention_mask.new_ones(attention_mask.shape[0], n)
+        attention_mask = torch.cat([attention_mask[:, :a], ones, attention_mask[:, a:]], 1)
+    return None, attention_mask, inputs_embeds
+'''
+
+MODEL_CODE = """
+
 class FedftModel(transformers.{base_class}):
     def __init__(self, config):
         super().__init__(config)
-        spec = config.fedft
-        self.fedft_after = spec.get("prompt_after", 1)
-        self.fedft_prompt = None
-        if spec.get("prompt_tokens"):
-            self.fedft_prompt = nn.Parameter(torch.zeros(spec["prompt_tokens"], spec["dim"]))
-        if spec.get("adapter_r"):
-            blocks = self.get_submodule(spec["blocks"])
-            for block in blocks:
-                adapter = Bottleneck(spec["dim"], spec["adapter_r"])
-                block.add_module("adapter", adapter)
-                block.get_submodule(spec["projection"]).register_forward_hook(
-                    lambda _m, _i, out, adapter=adapter: adapter(out)
-                )
+        add_fedft_modules(self, config.fedft)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-        if self.fedft_prompt is not None and (input_ids is not None or inputs_embeds is not None):
-            embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
-            a, n = self.fedft_after, self.fedft_prompt.shape[0]
-            prompt = self.fedft_prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1).to(embeds.dtype)
-            inputs_embeds = torch.cat([embeds[:, :a], prompt, embeds[:, a:]], dim=1)
-            input_ids = None
-            if attention_mask is not None:
-                ones = attention_mask.new_ones(attention_mask.shape[0], n)
-                attention_mask = torch.cat([attention_mask[:, :a], ones, attention_mask[:, a:]], 1)
+        input_ids, attention_mask, inputs_embeds = with_prompt(
+            self, input_ids, attention_mask, inputs_embeds
+        )
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
         )
-'''
+"""
+
+ZERO_SHOT_CODE = """
+
+class FedftZeroShot(transformers.{base_class}):
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(self, "pooler", None) is not None:
+            self.pooler = None  # mean pooling replaces it
+        add_fedft_modules(self, config.fedft)
+        self.fedft_scale = config.fedft["zero_shot_scale"]
+        self.fedft_classifier = nn.Parameter(torch.zeros(config.num_labels, config.hidden_size))
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        if attention_mask is None:
+            given = input_ids if input_ids is not None else inputs_embeds
+            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
+        input_ids, attention_mask, inputs_embeds = with_prompt(
+            self, input_ids, attention_mask, inputs_embeds
+        )
+        hidden = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        ).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        logits = self.fedft_scale * F.normalize(pooled, dim=-1) @ F.normalize(
+            self.fedft_classifier, dim=-1
+        ).T
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+"""
 
 
 def _load_modeling_file(folder: Path) -> Any:
@@ -381,118 +421,94 @@ def _load_modeling_file(folder: Path) -> Any:
     return module
 
 
-def _remote_code(run: LoadedRun, folder: Path) -> None:
+def _modules_spec(model: TaskModel, root: torch.nn.Module, trained: dict) -> dict[str, Any]:
+    """What the modeling file adds to the exported model (`root`: the module it subclasses)."""
     from fedft.methods.adapter import ffn_output
 
-    model = run.model
-    names = run.task.method.trainable_names
-    trained = _trained(model, names)
     spec: dict[str, Any] = {"dim": model.hidden_size()}
-    adapters = [n for n in names if ".adapter." in n]
-    blocks = model.blocks()
+    adapters = [n for n in trained if ".adapter." in n]
     if adapters:
-        block_path = next(n for n, m in model.net.named_modules() if m is blocks)
+        blocks = model.blocks()
         projection = ffn_output(blocks[0])
         spec.update(
-            blocks=block_path,
+            blocks=next(n for n, m in root.named_modules() if m is blocks),
             projection=next(n for n, m in blocks[0].named_modules() if m is projection),
             adapter_r=int(trained[next(n for n in adapters if n.endswith("down.weight"))].shape[0]),
         )
-    prompts = [n for n in names if n.startswith("prompt.")]
+    prompts = [n for n in trained if n.startswith("prompt.")]
     if prompts:
         spec["prompt_tokens"] = int(trained[prompts[0]].shape[0])
         spec["prompt_after"] = 0 if model.generative else 1
-    base_class = type(model.net).__name__
-    auto = _auto_class(model)
-    (folder / "fedft_modeling.py").write_text(REMOTE_CODE.format(base_class=base_class, auto=auto))
-    config = model.net.config
+    return spec
+
+
+def _write_modeling(
+    folder: Path, code: str, config: Any, spec: dict, auto: str, class_name: str, **words: str
+) -> Any:
+    """Write the modeling file and return a fresh instance of its class for `config`."""
+    text = MODULES_CODE.format(auto=auto, **words) + code.format(**words)
+    (folder / "fedft_modeling.py").write_text(text)
     config.fedft = spec
-    config.auto_map = {auto: "fedft_modeling.FedftModel"}
-    module = _load_modeling_file(folder)
-    fresh_net = module.FedftModel(config)
-    fresh = _fresh_backbone(run)
-    fresh_net.load_state_dict(fresh.net.state_dict(), strict=False)
-    weights = {}
-    for name, value in trained.items():
-        if name.startswith("prompt."):
-            weights["fedft_prompt"] = value
-        else:
-            weights[name.removeprefix("net.")] = value
-    _load_into(fresh_net, weights)
-    fresh_net.save_pretrained(folder)
-    del config.fedft
-    del config.auto_map
+    config.auto_map = {auto: f"fedft_modeling.{class_name}"}
+    return getattr(_load_modeling_file(folder), class_name)(config)
+
+
+def _save_modeling(exported: torch.nn.Module, model: TaskModel, folder: Path) -> None:
+    exported.save_pretrained(folder)
+    del exported.config.fedft  # the run's model shares this config
+    del exported.config.auto_map
     if model.preprocess.tokenizer is not None:
         model.preprocess.tokenizer.save_pretrained(folder)
 
 
-ZERO_SHOT_CODE = '''"""Written by `fedft export`: {base_class} with the zero-shot head fedft tuned (the
-mean-pooled sentence embedding scored by cosine similarity against one vector per label, times
-a scale). Load with AutoModelForSequenceClassification.from_pretrained(folder,
-trust_remote_code=True)."""
-
-import torch
-import torch.nn.functional as F
-import transformers
-from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
+def _renamed(name: str, prefix: str) -> str:
+    return "fedft_prompt" if name.startswith("prompt.") else name.removeprefix(prefix)
 
 
-class FedftZeroShot(transformers.{base_class}):
-    def __init__(self, config):
-        super().__init__(config)
-        if getattr(self, "pooler", None) is not None:
-            self.pooler = None  # mean pooling replaces it
-        self.fedft_scale = config.fedft["zero_shot_scale"]
-        self.fedft_classifier = nn.Parameter(torch.zeros(config.num_labels, config.hidden_size))
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, **kwargs
-        ).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        logits = self.fedft_scale * F.normalize(pooled, dim=-1) @ F.normalize(
-            self.fedft_classifier, dim=-1
-        ).T
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-'''
+def _remote_code(run: LoadedRun, folder: Path) -> None:
+    model = run.model
+    trained = _trained(model, run.task.method.trainable_names)
+    exported = _write_modeling(
+        folder, MODEL_CODE, model.net.config, _modules_spec(model, model.net, trained),
+        _auto_class(model), "FedftModel", base_class=type(model.net).__name__,
+        what="the modules fedft trained that no library has (bottleneck adapters after each "
+        "block's feed-forward output; soft prompt tokens)",
+    )  # fmt: skip
+    exported.load_state_dict(_fresh_backbone(run).net.state_dict(), strict=False)
+    _load_into(exported, {_renamed(n, "net."): v for n, v in trained.items()})
+    _save_modeling(exported, model, folder)
 
 
 def _zero_shot(run: LoadedRun, folder: Path) -> None:
-    """The run's encoder (its trained weights, LoRA merged) under the modeling file above."""
+    """The run's encoder (its trained weights, LoRA merged; its prompts and adapters) under the
+    modeling file's mean pooling and cosine head."""
     model = run.model
     net = model.net
     assert isinstance(net, ZeroShotClassifier)
     names = run.task.method.trainable_names
     lora = [n for n in names if ".lora_" in n]
-    weights = {**_trained(model, [n for n in names if n not in lora]),
-               **_merged_lora_weights(model)}  # fmt: skip
-    renamed = {}
-    for name, value in weights.items():
-        if name == "net.classifier.weight":
-            renamed["fedft_classifier"] = value
-        else:
-            renamed[name.removeprefix("net.encoder.")] = value
+    trained = _trained(model, [n for n in names if n not in lora])
+    renamed = {
+        "fedft_classifier" if n == "net.classifier.weight" else _renamed(n, "net.encoder."): v
+        for n, v in {**trained, **_merged_lora_weights(model)}.items()
+    }
     fresh = _fresh_backbone(run).net  # the untuned encoder
     encoder = fresh.encoder if isinstance(fresh, ZeroShotClassifier) else fresh.base_model
-    base_class = type(encoder).__name__
-    (folder / "fedft_modeling.py").write_text(ZERO_SHOT_CODE.format(base_class=base_class))
+    spec = _modules_spec(model, net.encoder, trained)
+    extra = "prompt_tokens" in spec or "adapter_r" in spec
+    spec["zero_shot_scale"] = float(net.classifier.scale)
     config = encoder.config
-    config.fedft = {"zero_shot_scale": float(net.classifier.scale)}
     config.num_labels = int(net.classifier.weight.shape[0])
-    config.auto_map = {"AutoModelForSequenceClassification": "fedft_modeling.FedftZeroShot"}
-    module = _load_modeling_file(folder)
-    exported = module.FedftZeroShot(config)
+    exported = _write_modeling(
+        folder, ZERO_SHOT_CODE, config, spec, "AutoModelForSequenceClassification",
+        "FedftZeroShot", base_class=type(encoder).__name__,
+        what="the zero-shot head fedft tuned (the mean-pooled sentence embedding scored by "
+        "cosine similarity against one vector per label, times a scale)"
+        + (" and the prompt tokens or adapters it trained" if extra else ""),
+    )  # fmt: skip
     exported.load_state_dict(encoder.state_dict(), strict=False)
     _load_into(exported, renamed)
-    exported.save_pretrained(folder)
-    del config.fedft
-    del config.auto_map
-    model.preprocess.tokenizer.save_pretrained(folder)
+    _save_modeling(exported, model, folder)
 
 
 # --- the command ---------------------------------------------------------------------------------
