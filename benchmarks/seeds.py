@@ -176,6 +176,13 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
     bias_at_5e3 = _seeded(
         "fedpeft", "bias-lr5e-3", out, {**FEDPEFT, **data, "method.name": "bias", "train.lr": 5e-3}
     )
+    # full under DP at its non-DP lr, one seed: is its drop DP's, or the 5x lr's?
+    full_dp_1x = run_job(
+        "fedpeft-full-dp8-lr1x-s0",
+        out,
+        {**FEDPEFT, **FEDPEFT_DP, **data, "method.name": "full", "train.lr": 5e-5, "seed": 0},
+        KEPT,
+    )
     acc = {m: _stat(plain[m], _accuracy) for m in FEDPEFT_METHODS}
     dp_acc = {m: _stat(private[m], _accuracy) for m in FEDPEFT_METHODS}
     start, prompt_start = _stat(plain["lora"], _initial), _stat(plain["prompt"], _initial)
@@ -201,6 +208,7 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
     close = [acc["full"][0] - acc[m][0] <= 0.02 and sent[m] < 0.01 * sent["full"] for m in peft]
     kept = [acc[m][0] - dp_acc[m][0] <= 0.08 for m in peft]
     full_drop = acc["full"][0] - dp_acc["full"][0]
+    one_x, five_x = _accuracy(*full_dp_1x), _accuracy(*private["full"][0])
     most = [full_drop > acc[m][0] - dp_acc[m][0] for m in peft]
     lines = [
         "### FedPEFT: PEFT matches full fine-tuning at a fraction of the bytes, and suffers less "
@@ -227,12 +235,22 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
         f"{_pct(bias_5e3)}, {'below' if bias_5e3[0] < start[0] else 'above'} its zero-shot "
         f"start; with this head fedft "
         f"steps it at {plain['bias'][0][0]['lr']:g} (`zero_shot_lr`).",
+        f"- `full` under DP at its non-DP lr ({full_dp_1x[0]['lr']:g}, seed 0 only): "
+        f"{100 * one_x:.1f}% against {100 * five_x:.1f}% at fedft's DP default "
+        f"{private['full'][0][0]['lr']:g} (seed 0): "
+        + (
+            "as low, so full's drop is DP's noise, not the 5x lr."
+            if one_x <= five_x + 0.02
+            else f"{100 * (one_x - five_x):.1f} points higher: part of full's drop is the 5x "
+            f"lr's; at 1x it drops {100 * (acc['full'][0] - one_x):.1f} points."
+        ),
         "",
         "Noise norm / step: the Gaussian noise on one step's mean gradient, sigma C sqrt(d) / B "
         f"over the d trained values at the expected batch B = {batch}, against a clipped signal of "
         "at most C: what DP costs a method grows with the square root of what it trains.",
     ]
-    runs = [r for group in (*plain.values(), *private.values(), bias_at_5e3) for r in group]
+    groups = (*plain.values(), *private.values(), bias_at_5e3, [full_dp_1x])
+    runs = [r for group in groups for r in group]
     return lines, _seconds(runs)
 
 
