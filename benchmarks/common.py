@@ -73,10 +73,13 @@ def finished_with(run_dir: Path, sets: dict[str, object]) -> bool:
     if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
         return False
     tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    resolved_lr = json.loads((run_dir / "summary.json").read_text()).get("lr")
     for key, value in sets.items():
         node = tree
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
+        if key == "train.lr" and node is None:
+            node = resolved_lr  # left to the method's default, which came to this lr
         if not _same_setting(node, value):
             return False
     return True

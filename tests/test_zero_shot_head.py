@@ -161,3 +161,11 @@ def test_bias_takes_its_zero_shot_lr_where_the_head_starts_from_the_label_names(
 ):
     task = build_task(tiny_config(tmp_path, "bias", **sets))
     assert task.method.lr(task.cfg) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize(("method", "lr"), [("full", 5e-5), ("lora", 5 * 1e-3)])
+def test_under_dp_sgd_full_keeps_its_lr_where_peft_steps_five_times_larger(
+    tmp_path: Path, method: str, lr: float
+):
+    task = build_task(tiny_config(tmp_path, method, **SAMPLE_DP))
+    assert task.method.lr(task.cfg) == pytest.approx(lr)

@@ -59,7 +59,7 @@ class Method:
     zero_shot_head_under_dp: ClassVar[bool] = True
     # under sample-level DP-SGD with AdamW and no train.lr, the default lr times this (the DP recipe:
     # AdamW's step is about lr a coordinate whatever the gradient, and DP's noise leaves the
-    # signal a fraction of it)
+    # signal a fraction of it); `full` keeps 1 (its noise is over every weight)
     dp_lr_scale: ClassVar[float] = 5.0
     # the `privacy.mode`s the method implements; the default client and server give both
     privacy_modes: ClassVar[tuple[str, ...]] = ("sample", "client")
