@@ -212,8 +212,8 @@ def fedpeft(out: Path) -> tuple[list[str], list[float]]:
     full_drop = acc["full"][0] - dp_acc["full"][0]
     one_x, five_x = _stat(full_dp_1x, _accuracy), dp_acc["full"]
     gained = [m for m in FEDPEFT_METHODS if dp_acc[m][0] > acc[m][0]]
-    drops = [acc[m][0] - dp_acc[m][0] for m in FEDPEFT_METHODS if m != "full"]
-    most = [full_drop > acc[m][0] - dp_acc[m][0] for m in peft]
+    drops = [acc[m][0] - dp_acc[m][0] for m in peft]
+    most = [full_drop > drop for drop in drops]
     lines = [
         "### FedPEFT: PEFT matches full fine-tuning at a fraction of the bytes, and suffers less "
         "under DP",
